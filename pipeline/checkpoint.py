@@ -1,0 +1,46 @@
+"""Checkpoint files: one ``state.pt`` of tensors and plain Python values, never arbitrary pickles.
+
+Loading uses ``torch.load(weights_only=True)``, which refuses any object that is not a tensor, a
+primitive or a container of those, so a checkpoint from an untrusted store cannot run code. The
+config, the dataset spec and the code version travel inside, and as ``config.json`` beside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.pt"
+
+
+def save_state(directory: str | Path, state: dict[str, Any]) -> None:
+    directory = Path(directory)
+    tmp = directory / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, directory / STATE_FILE)  # a reader never sees a half-written file
+    meta = {k: state[k] for k in ("job", "spec", "code_version") if k in state}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def code_version() -> str:
+    """The package version plus the git commit of the working tree when there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("mtrec-pipeline")
+    except PackageNotFoundError:
+        v = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{v}+{commit}" if commit else v

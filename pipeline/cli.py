@@ -1,0 +1,51 @@
+"""Command-line front of the training jobs: parse flags into a JobConfig and call pipeline.job.run."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import DataPaths, JobConfig, merge_overrides
+from pipeline.synthetic import SPEC_PATH
+
+
+def parse_args(model: str, argv: list[str] | None = None) -> JobConfig:
+    p = argparse.ArgumentParser(description=f"Train a {model.upper()} multi-task model with Ray Train.")
+    p.add_argument("--config", help="JobConfig YAML (e.g. a previous run's config.yaml); flags override it")
+    p.add_argument("--data", help="dataset directory/URI with train/ valid/ test/ Parquet splits "
+                                  "(default: the built-in synthetic log, generated into the cache)")
+    p.add_argument("--spec", help="dataset spec YAML (default: the synthetic log's spec)")
+    p.add_argument("--workers", type=int, help="Ray Train workers")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on GPUs (default: when the cluster has them)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--name", help="run name; rerunning with the same name resumes from its latest checkpoint")
+    p.add_argument("--storage-path", help="checkpoints and results: a local directory or s3://...")
+    p.add_argument("--output", help="where metrics.json, config.yaml and checkpoint/ are written")
+    p.add_argument("--train-rows", type=int, help="rows of the default synthetic log's train split")
+    args = p.parse_args(argv)
+
+    job = JobConfig.load(args.config) if args.config else JobConfig(name=model, output=f"outputs/{model}")
+    if not args.config:
+        job.model.name = model
+    job = merge_overrides(job, {
+        "data.path": args.data, "data.spec": args.spec, "train.num_workers": args.workers,
+        "train.use_gpu": args.gpu, "train.epochs": args.epochs, "train.batch_size": args.batch_size,
+        "train.lr": args.lr, "name": args.name, "storage_path": args.storage_path, "output": args.output,
+    })
+    if not job.data.path:
+        from pipeline.job import default_synthetic_data
+
+        rows = None if args.train_rows is None else {
+            "train": args.train_rows, "valid": max(args.train_rows // 10, 1000), "test": max(args.train_rows // 10, 1000)}
+        job.data = DataPaths(path=str(default_synthetic_data(rows)), spec=job.data.spec or str(SPEC_PATH))
+    elif not job.data.spec:
+        sys.exit("--spec is required with --data (the dataset spec YAML of that log)")
+    return job
+
+
+def main(model: str, argv: list[str] | None = None) -> None:
+    from pipeline.job import run
+
+    run(parse_args(model, argv))

@@ -1,0 +1,288 @@
+"""Typed configuration: the dataset spec and the training config, as plain dataclasses loaded from YAML.
+
+A dataset spec describes one impression log: its sparse id features, multi-valued (sequence) id
+features, dense features and tasks. Embedding tables are derived from the features: a feature owns
+a table unless it names a shared one with ``table:`` (e.g. the behaviour sequence of categories
+shares the ``category`` table with the target item's category).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A spec or config that cannot be used; the message says where and why."""
+
+
+# ----------------------------------------------------------------------------- dataset spec
+
+
+@dataclass
+class SparseFeature:
+    """A single-valued id column (int64 or string)."""
+
+    name: str
+    vocab_size: Optional[int] = None  # ordinal encoding fit on train; index 0 is out-of-vocabulary
+    hash_buckets: Optional[int] = None  # or: hash the raw id into this many buckets
+    dim: int = 16
+    table: Optional[str] = None  # share an embedding table with other features of this name
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+
+@dataclass
+class SequenceFeature:
+    """A multi-valued id column (``list<int64>``): a behaviour sequence, padded/truncated to max_len."""
+
+    name: str
+    max_len: int = 20
+    pooling: str = "mean"  # mean | sum | max
+    vocab_size: Optional[int] = None
+    hash_buckets: Optional[int] = None
+    dim: int = 16
+    table: Optional[str] = None
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+
+@dataclass
+class DenseFeature:
+    name: str
+    normalize: str = "standard"  # standard | log_standard | none
+
+
+@dataclass
+class Task:
+    """A binary task. ``depends_on`` names the task that must be positive first (the funnel:
+    convert depends on click); its label is over the full exposure space (convert=1 implies click=1)."""
+
+    name: str
+    label: Optional[str] = None  # label column; defaults to the task name
+    depends_on: Optional[str] = None
+
+    @property
+    def label_column(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class EmbeddingTable:
+    name: str
+    num_rows: int  # including the out-of-vocabulary / padding row 0
+    dim: int
+    encoding: str  # "vocab" (ordinal, fit on train) or "hash"
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    tasks: list[Task]
+    sparse: list[SparseFeature] = field(default_factory=list)
+    sequences: list[SequenceFeature] = field(default_factory=list)
+    dense: list[DenseFeature] = field(default_factory=list)
+    # task name -> column with the true probability P(task label = 1 | exposure); never a feature.
+    oracle: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.tables = self._derive_tables()
+        names = [t.name for t in self.tasks]
+        if not names:
+            raise ConfigError(f"spec {self.name!r}: at least one task is required")
+        for t in self.tasks:
+            if t.depends_on is not None and t.depends_on not in names:
+                raise ConfigError(f"spec {self.name!r}: task {t.name!r} depends_on unknown task {t.depends_on!r}")
+            if t.depends_on == t.name:
+                raise ConfigError(f"spec {self.name!r}: task {t.name!r} depends on itself")
+        for s in self.sequences:
+            if s.pooling not in ("mean", "sum", "max"):
+                raise ConfigError(f"spec {self.name!r}: sequence {s.name!r} pooling must be mean|sum|max, got {s.pooling!r}")
+        for d in self.dense:
+            if d.normalize not in ("standard", "log_standard", "none"):
+                raise ConfigError(f"spec {self.name!r}: dense {d.name!r} normalize must be standard|log_standard|none")
+        cols = self.feature_columns + self.label_columns + list(self.oracle.values())
+        dup = {c for c in cols if cols.count(c) > 1}
+        if dup:
+            raise ConfigError(f"spec {self.name!r}: columns used twice: {sorted(dup)}")
+        if set(self.oracle) - set(names):
+            raise ConfigError(f"spec {self.name!r}: oracle names unknown tasks {sorted(set(self.oracle) - set(names))}")
+
+    def _derive_tables(self) -> dict[str, EmbeddingTable]:
+        tables: dict[str, EmbeddingTable] = {}
+        for f in [*self.sparse, *self.sequences]:
+            if f.vocab_size is not None and f.hash_buckets is not None:
+                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} sets both vocab_size and hash_buckets")
+            if f.vocab_size is None and f.hash_buckets is None:
+                if f.table_name in tables:
+                    continue  # uses a table another feature defines
+                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} needs vocab_size or hash_buckets (or a shared table)")
+            size = f.vocab_size if f.vocab_size is not None else f.hash_buckets
+            if size < 2:
+                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} table size must be >= 2, got {size}")
+            table = EmbeddingTable(f.table_name, size, f.dim, "vocab" if f.vocab_size is not None else "hash")
+            old = tables.get(f.table_name)
+            if old is not None and old != table:
+                raise ConfigError(f"spec {self.name!r}: shared table {f.table_name!r} defined differently: {old} vs {table}")
+            tables[f.table_name] = table
+        for f in [*self.sparse, *self.sequences]:
+            if f.table_name not in tables:
+                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} uses undefined table {f.table_name!r}")
+            if tables[f.table_name].dim != f.dim and (f.vocab_size or f.hash_buckets) is None:
+                f.dim = tables[f.table_name].dim
+        return tables
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [f.name for f in self.sparse] + [f.name for f in self.sequences] + [f.name for f in self.dense]
+
+    @property
+    def label_columns(self) -> list[str]:
+        return [t.label_column for t in self.tasks]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> Task:
+        return next(t for t in self.tasks if t.name == name)
+
+    @staticmethod
+    def load(path: str | Path) -> "DatasetSpec":
+        return load_yaml(path, DatasetSpec)
+
+
+# ----------------------------------------------------------------------------- training config
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ple"  # ple | mmoe
+    expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    tower_hidden: list[int] = field(default_factory=lambda: [32])
+    num_experts: int = 4  # MMoE: experts shared by all tasks
+    num_shared_experts: int = 2  # PLE: shared experts per level
+    num_task_experts: int = 2  # PLE: experts per task per level
+    num_levels: int = 2  # PLE: stacked CGC levels
+    dropout: float = 0.0
+    # how a task with depends_on is trained: "esmm" = p(task) = p(parent) * p(task | parent) with the
+    # loss over all exposures; "masked" = a plain head trained on the parent-positive rows only.
+    dependent_loss: str = "esmm"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 2048
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    loss_weights: dict[str, float] = field(default_factory=dict)  # task -> weight (default 1)
+    patience: int = 2  # early stopping: epochs without validation improvement
+    early_stop_metric: str = "mean_auc"  # mean of the tasks' validation AUCs
+    num_workers: int = 2
+    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: Optional[float] = None  # None: sized from the cluster, leaving Data headroom
+    shuffle_buffer: int = 20000  # local shuffle buffer per worker (rows)
+    max_failures: int = 2
+    seed: int = 0
+
+
+@dataclass
+class DataPaths:
+    path: str = ""  # directory or URI holding train/ valid/ test/ sub-directories of Parquet files
+    spec: str = ""  # dataset spec YAML
+
+
+@dataclass
+class JobConfig:
+    data: DataPaths = field(default_factory=DataPaths)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "ple"  # run name: rerunning with the same name resumes from its latest checkpoint
+    storage_path: str = ""  # checkpoints and results (local dir or s3://); default <output>/ray_results
+    output: str = "outputs/ple"
+
+    @staticmethod
+    def load(path: str | Path) -> "JobConfig":
+        return load_yaml(path, JobConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- YAML -> dataclass
+
+
+def load_yaml(path: str | Path, cls: type) -> Any:
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    try:
+        return from_dict(cls, raw, where=str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def from_dict(cls: type, raw: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from plain YAML data, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown keys {sorted(unknown)} (known: {sorted(fields)})")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def merge_overrides(cfg: JobConfig, overrides: dict[str, Any]) -> JobConfig:
+    """Apply dotted overrides such as {"train.epochs": 2} (None values are skipped)."""
+    raw = cfg.to_dict()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"unknown config key {key!r}")
+        node[leaf] = value
+    return from_dict(JobConfig, raw)

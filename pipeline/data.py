@@ -1,0 +1,179 @@
+"""Ray Data ingest: Parquet splits -> preprocessing fit on train -> model-ready tensor batches.
+
+The data path is one straight line: ``read_parquet`` (column selection, file order shuffled per epoch for
+train) -> ``map_batches(Preprocessor.transform)`` -> streaming split across Train workers ->
+``iter_torch_batches``. Nothing is materialised: each epoch re-streams the files.
+
+A transformed batch holds four packed arrays instead of one column per feature, so a worker converts
+a handful of tensors per batch:
+    sparse [B, F] int64   table-local indices, 0 = out of vocabulary
+    seq    [B, S, L] int64 most recent L ids of each sequence feature, 0 = padding
+    dense  [B, D] float32  normalised
+    labels [B, T] float32  (and oracle [B, T] float32 on evaluation splits of synthetic data)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray.data
+import torch
+
+from pipeline.config import DatasetSpec
+from pipeline.validate import split_files
+
+FIT_BATCH_ROWS = 65_536
+_REDUCE_EVERY = 2_000_000  # merge partial value counts once this many (value, count) pairs pile up
+
+
+@dataclass
+class Preprocessor:
+    """State fit on the train split: each vocabulary table's values by descending frequency, and the
+    dense features' mean/std. Plain tensors and lists, so it saves with ``torch.save`` and loads with
+    ``torch.load(weights_only=True)``."""
+
+    spec: DatasetSpec
+    vocab: dict[str, pa.Array] = field(default_factory=dict)  # table -> values; value i -> index i + 1
+    dense_mean: np.ndarray = None
+    dense_std: np.ndarray = None
+    train_rows: int = 0
+
+    # ------------------------------------------------------------------ fit
+
+    @staticmethod
+    def fit(train: ray.data.Dataset, spec: DatasetSpec) -> "Preprocessor":
+        vocab_tables = {n for n, t in spec.tables.items() if t.encoding == "vocab"}
+        counts: dict[str, list[pa.Table]] = {t: [] for t in vocab_tables}
+        pending = dict.fromkeys(vocab_tables, 0)
+        dense_sum = np.zeros(len(spec.dense))
+        dense_sq = np.zeros(len(spec.dense))
+        rows = 0
+        for batch in train.iter_batches(batch_size=FIT_BATCH_ROWS, batch_format="pyarrow"):
+            rows += batch.num_rows
+            for f in [*spec.sparse, *spec.sequences]:
+                if f.table_name not in vocab_tables:
+                    continue
+                col = batch[f.name].combine_chunks()
+                if isinstance(col.type, (pa.ListType, pa.LargeListType)):
+                    col = col.flatten()
+                vc = pc.value_counts(col)
+                counts[f.table_name].append(pa.table({"value": vc.field("values"), "count": vc.field("counts")}))
+                pending[f.table_name] += len(vc)
+                if pending[f.table_name] > _REDUCE_EVERY:
+                    counts[f.table_name] = [_merge_counts(counts[f.table_name])]
+                    pending[f.table_name] = len(counts[f.table_name][0])
+            for j, d in enumerate(spec.dense):
+                v = _dense_values(batch[d.name], d.normalize)
+                dense_sum[j] += v.sum()
+                dense_sq[j] += np.square(v).sum()
+        if rows == 0:
+            raise ValueError("cannot fit preprocessing: the train split has no rows")
+        vocab = {}
+        for name, parts in counts.items():
+            merged = _merge_counts(parts).sort_by([("count", "descending"), ("value", "ascending")])
+            vocab[name] = merged["value"].combine_chunks()[: spec.tables[name].num_rows - 1]
+        mean = dense_sum / rows
+        std = np.sqrt(np.maximum(dense_sq / rows - mean**2, 0.0))
+        return Preprocessor(spec, vocab, mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32), rows)
+
+    # ------------------------------------------------------------------ transform
+
+    def transform(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        spec, n = self.spec, batch.num_rows
+        out: dict[str, np.ndarray] = {}
+        out["sparse"] = np.zeros((n, len(spec.sparse)), dtype=np.int64)
+        for j, f in enumerate(spec.sparse):
+            out["sparse"][:, j] = self._encode(batch[f.name].combine_chunks(), f.table_name)
+        if spec.sequences:
+            max_len = max(s.max_len for s in spec.sequences)
+            out["seq"] = np.zeros((n, len(spec.sequences), max_len), dtype=np.int64)
+            for j, s in enumerate(spec.sequences):
+                out["seq"][:, j, : s.max_len] = self._encode_sequence(batch[s.name].combine_chunks(), s)
+        if spec.dense:
+            dense = np.stack([_dense_values(batch[d.name], d.normalize) for d in spec.dense], axis=1)
+            out["dense"] = ((dense - self.dense_mean) / self.dense_std).astype(np.float32)
+        out["labels"] = np.stack(
+            [batch[c].to_numpy(zero_copy_only=False).astype(np.float32) for c in spec.label_columns], axis=1)
+        if spec.oracle and all(c in batch.column_names for c in spec.oracle.values()):
+            out["oracle"] = np.stack([
+                batch[spec.oracle[t]].to_numpy(zero_copy_only=False).astype(np.float32)
+                if t in spec.oracle else np.full(n, np.nan, np.float32) for t in spec.task_names], axis=1)
+        return out
+
+    def _encode(self, values: pa.Array, table: str) -> np.ndarray:
+        """Raw ids -> table-local indices in [0, num_rows); 0 is the out-of-vocabulary row."""
+        t = self.spec.tables[table]
+        if t.encoding == "hash":
+            raw = values.to_numpy(zero_copy_only=False)
+            return (pd.util.hash_array(raw.astype(object) if raw.dtype.kind in "OU" else raw)
+                    % np.uint64(t.num_rows - 1)).astype(np.int64) + 1
+        vocab = self.vocab[table]
+        if vocab.type != values.type:
+            vocab = vocab.cast(values.type)
+        return pc.index_in(values, value_set=vocab).fill_null(-1).to_numpy().astype(np.int64) + 1
+
+    def _encode_sequence(self, values: pa.Array, s) -> np.ndarray:
+        """Keep the last ``max_len`` entries of each list (the most recent), right-padded with 0."""
+        offsets = values.offsets.to_numpy()
+        flat = values.values.slice(offsets[0], offsets[-1] - offsets[0])
+        offsets = offsets - offsets[0]
+        codes = self._encode(flat, s.table_name)
+        n, max_len = len(values), s.max_len
+        keep = np.minimum(np.diff(offsets), max_len)
+        rows = np.repeat(np.arange(n), keep)
+        cols = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
+        src = np.repeat(offsets[1:] - keep, keep) + cols
+        out = np.zeros((n, max_len), dtype=np.int64)
+        out[rows, cols] = codes[src]
+        return out
+
+    # ------------------------------------------------------------------ save / load
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "vocab": {k: (torch.from_numpy(v.to_numpy(zero_copy_only=False).astype(np.int64))
+                          if pa.types.is_integer(v.type) else v.to_pylist()) for k, v in self.vocab.items()},
+            "dense_mean": torch.from_numpy(self.dense_mean),
+            "dense_std": torch.from_numpy(self.dense_std),
+            "train_rows": self.train_rows,
+        }
+
+    @staticmethod
+    def from_state_dict(state: dict[str, Any], spec: DatasetSpec) -> "Preprocessor":
+        vocab = {k: pa.array(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in state["vocab"].items()}
+        return Preprocessor(spec, vocab, state["dense_mean"].numpy(), state["dense_std"].numpy(), state["train_rows"])
+
+
+def _merge_counts(parts: list[pa.Table]) -> pa.Table:
+    merged = pa.concat_tables(parts).group_by("value").aggregate([("count", "sum")])
+    return merged.rename_columns(["value", "count"])
+
+
+def _dense_values(column: pa.ChunkedArray, normalize: str) -> np.ndarray:
+    v = column.to_numpy().astype(np.float64)
+    return np.log1p(v) if normalize == "log_standard" else v
+
+
+def read_split(path: str, split: str, spec: DatasetSpec, shuffle_files: bool = False) -> ray.data.Dataset:
+    """The raw columns the spec needs (plus oracle columns on evaluation splits), streamed from Parquet."""
+    fs, files = split_files(path, split)
+    columns = spec.feature_columns + spec.label_columns
+    if split != "train":
+        columns += list(spec.oracle.values())
+    ds = ray.data.read_parquet(files, filesystem=fs, shuffle="files" if shuffle_files else None)
+    return ds.select_columns(columns)  # pushed down into the Parquet reader
+
+
+def build_datasets(path: str, spec: DatasetSpec, preprocessor: Preprocessor,
+                   splits=("train", "valid", "test"), batch_rows: int = 8192) -> dict[str, ray.data.Dataset]:
+    """Model-ready datasets per split. Train files are read in a new random order every epoch; rows are
+    further mixed by each worker's local shuffle buffer."""
+    return {
+        split: read_split(path, split, spec, shuffle_files=(split == "train")).map_batches(
+            preprocessor.transform, batch_format="pyarrow", batch_size=batch_rows)
+        for split in splits
+    }

@@ -1,0 +1,187 @@
+"""The driver side of a training run: connect to Ray, check and prepare the data, size the workers,
+launch the TorchTrainer and write the run's outputs (metrics.json, config.yaml, checkpoint/)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import torch
+import yaml
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline.checkpoint import code_version
+from pipeline.config import DatasetSpec, JobConfig, TrainConfig
+from pipeline.data import Preprocessor, build_datasets, read_split
+from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
+from pipeline.train import train_loop_per_worker
+from pipeline.validate import validate_dataset
+
+DEFAULT_CACHE = Path(os.environ.get("MTREC_CACHE", Path.home() / ".cache" / "mtrec"))
+
+
+class ExactSplitDataConfig(DataConfig):
+    """Ray Train's DataConfig, but shards are split with ``equal=False``: Train's default equalises
+    the shards by dropping rows, which would silently drop training rows and make validation AUC
+    inexact. The training loop copes with shards that differ by a batch (DDP Join)."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        split = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            if name in split:
+                for i, shard in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[i][name] = shard
+            else:
+                for i in range(world_size):
+                    output[i][name] = ds.iterator()
+        return output
+
+
+def connect_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (set by ``ray job submit``) or start a local one."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one line per operator per update floods job logs
+
+
+def scaling_for_cluster(cfg: TrainConfig) -> tuple[ScalingConfig, int]:
+    """Size Train workers from the cluster's resources, keeping CPU headroom for Ray Data's read and
+    preprocessing tasks (2 workers x 1 CPU on a 2-CPU machine starves the data pipeline and hangs).
+    Returns the scaling config and the torch threads per worker."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1
+    if use_gpu:
+        per_worker = {"CPU": cfg.cpus_per_worker or 1.0, "GPU": 1.0}
+    else:
+        data_headroom = max(1.0, 0.25 * cpus)
+        per_worker = {"CPU": cfg.cpus_per_worker or max(0.1, min(8.0, (cpus - data_headroom) / cfg.num_workers))}
+    threads = max(1, int(per_worker["CPU"] + 0.5))
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker), threads
+
+
+def default_synthetic_data(rows: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """The built-in default log: generated once into the cache directory, reused afterwards."""
+    cfg = SyntheticConfig(rows=rows, seed=seed)
+    path = DEFAULT_CACHE / f"synthetic-v1-{cfg.rows['train']}-{cfg.rows['valid']}-{cfg.rows['test']}-s{seed}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        generate(path, cfg)
+    return path
+
+
+def _storage(job: JobConfig) -> str:
+    if job.storage_path:
+        return job.storage_path if "://" in job.storage_path else str(Path(job.storage_path).resolve())
+    return str((Path(job.output) / "ray_results").resolve())
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+
+
+def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) -> Preprocessor:
+    """Fit on the train split once per run name; a resumed run reuses the exact same encoding."""
+    fs, root = _fs(storage)
+    path = f"{root}/{job.name}/preprocessor.pt"
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            saved = torch.load(io.BytesIO(f.read()), weights_only=True)
+        if saved["data_path"] == job.data.path:
+            return Preprocessor.from_state_dict(saved["state"], spec)
+    pre = Preprocessor.fit(read_split(job.data.path, "train", spec), spec)
+    fs.create_dir(f"{root}/{job.name}", recursive=True)
+    buf = io.BytesIO()
+    torch.save({"data_path": job.data.path, "state": pre.state_dict()}, buf)
+    with fs.open_output_stream(path) as f:
+        f.write(buf.getvalue())
+    return pre
+
+
+def run(job: JobConfig) -> dict[str, Any]:
+    """Train and evaluate one model; returns the nested metrics also written to <output>/metrics.json."""
+    connect_ray()
+    spec = DatasetSpec.load(job.data.spec)
+    rows = validate_dataset(job.data.path, spec)
+    print(f"data {job.data.path}: {rows} rows, spec {spec.name!r} OK")
+    storage = _storage(job)
+    pre = fit_or_load_preprocessor(job, spec, storage)
+    scaling, threads = scaling_for_cluster(job.train)
+    print(f"workers: {scaling.num_workers} x {scaling.resources_per_worker} ({threads} torch threads each)")
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": job.to_dict(), "spec": _spec_dict(spec), "preprocessor": pre.state_dict(),
+            "torch_threads": threads, "code_version": code_version(),
+        },
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=scaling,
+        datasets=build_datasets(job.data.path, spec, pre),
+        dataset_config=ExactSplitDataConfig(),
+        run_config=RunConfig(
+            name=job.name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=job.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    return write_outputs(job, spec, result)
+
+
+def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result) -> dict[str, Any]:
+    out = Path(job.output)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoint"
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    result.checkpoint.to_directory(str(ckpt_dir))
+    summary = json.loads((ckpt_dir / "metrics.json").read_text())
+    metrics = nest_metrics(summary["metrics"])
+    metrics["history"] = summary["history"]
+    metrics["checkpoint"] = str(ckpt_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    (out / "config.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+    print(format_table(metrics, spec))
+    print(f"wrote {out / 'metrics.json'}, {out / 'config.yaml'} and {ckpt_dir}")
+    return metrics
+
+
+def nest_metrics(flat: dict[str, float]) -> dict[str, Any]:
+    """{"test/click/auc": x} -> {"test": {"click": {"auc": x}}}."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def format_table(metrics: dict[str, Any], spec: DatasetSpec) -> str:
+    lines = [f"{'split':<6} {'task':<10} {'AUC':>7} {'oracle':>7} {'gap':>6} {'logloss':>8}  extra"]
+    for split in ("valid", "test"):
+        for task in spec.task_names:
+            m = metrics.get(split, {}).get(task, {})
+            auc, oracle = m.get("auc", float("nan")), m.get("oracle_auc", float("nan"))
+            extra = f"cvr_auc={m['cvr_auc']:.4f} (oracle {m.get('oracle_cvr_auc', float('nan')):.4f})" if "cvr_auc" in m else ""
+            lines.append(f"{split:<6} {task:<10} {auc:7.4f} {oracle:7.4f} {oracle - auc:6.4f} {m.get('logloss', float('nan')):8.4f}  {extra}")
+    return "\n".join(lines)
+
+
+def _spec_dict(spec: DatasetSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)

@@ -1,0 +1,144 @@
+"""The per-worker training loop, run by Ray Train's TorchTrainer on every worker.
+
+Read it top to bottom: restore from the latest checkpoint if there is one, then for each epoch train on
+this worker's shard, evaluate the validation split exactly (predictions gathered on rank 0), checkpoint,
+and stop early when validation stops improving. Finally the best epoch's model (chosen on validation)
+is evaluated once on the test split and reported with the final checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.join import Join
+
+from pipeline.checkpoint import load_state, save_state
+from pipeline.config import DatasetSpec, JobConfig, from_dict
+from pipeline.metrics import gather_to_rank0, predict_shard, split_metrics
+from pipeline.models import build_model
+from pipeline.models.base import multitask_loss
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    job: JobConfig = from_dict(JobConfig, loop_config["job"])
+    spec: DatasetSpec = from_dict(DatasetSpec, loop_config["spec"])
+    cfg = job.train
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(loop_config["torch_threads"])
+    torch.manual_seed(cfg.seed)  # same initial weights on every worker; DDP also broadcasts them
+    device = ray.train.torch.get_device()
+
+    model = build_model(spec, job.model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    progress = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "stopped": False, "history": []}
+    best_model = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group or a rerun with the same run name
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        best_model = state["best_model"]
+        progress = state["progress"]
+    model = ray.train.torch.prepare_model(model)  # DDP on >1 worker (gloo on CPU, nccl on GPU)
+    module = model.module if hasattr(model, "module") else model
+    best_model = best_model or copy.deepcopy(module.state_dict())
+    weights = torch.tensor([cfg.loss_weights.get(t, 1.0) for t in spec.task_names], device=device)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    while progress["epoch"] < cfg.epochs and not progress["stopped"]:
+        epoch = progress["epoch"]
+        t0 = time.time()
+        loss_sum = torch.zeros(len(spec.tasks) + 1, device=device)  # summed per row, synced once per epoch
+        rows = torch.zeros(1, device=device)
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + epoch, device=device, prefetch_batches=2)
+        # shards can differ by a batch or two (no rows are dropped to equalise them); Join lets a worker
+        # that runs out early shadow the others' all-reduces instead of hanging them
+        with Join([model]) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext():
+            for batch in batches:
+                out = model(batch)
+                loss, per_task = multitask_loss(out, batch["labels"], spec, job.model, weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n = batch["labels"].shape[0]
+                loss_sum += torch.cat([loss.detach()[None], per_task.detach()]) * n
+                rows += n
+        train_seconds = time.time() - t0
+        if dist.is_initialized():
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(rows)
+        n_rows = rows.item()
+        metrics = {"epoch": epoch, "train/rows": n_rows, "train/seconds": train_seconds,
+                   "train/samples_per_s": n_rows / max(train_seconds, 1e-9),
+                   "train/loss": loss_sum[0].item() / max(n_rows, 1)}
+        metrics |= {f"train/{t}/loss": loss_sum[j + 1].item() / max(n_rows, 1) for j, t in enumerate(spec.task_names)}
+        metrics |= _evaluate(module, "valid", spec, cfg.batch_size)  # rank 0 only; others get {}
+
+        if rank == 0:
+            score = metrics[f"valid/{cfg.early_stop_metric}"]
+            if score > progress["best_score"]:  # NaN never counts as an improvement
+                progress |= {"best_score": score, "best_epoch": epoch}
+                best_model = copy.deepcopy(module.state_dict())
+            progress["history"].append(metrics)
+            progress["stopped"] = epoch - progress["best_epoch"] >= cfg.patience
+        progress["epoch"] = epoch + 1
+        progress["stopped"] = _broadcast(progress["stopped"])
+        _report(metrics | {"best_epoch": progress["best_epoch"]}, rank,
+                {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best_model,
+                 "progress": progress}, loop_config)
+
+    # model selection on validation, then one evaluation on test
+    best_model = _broadcast(best_model)
+    module.load_state_dict(best_model)
+    final = {"epoch": progress["epoch"] - 1, "best_epoch": progress["best_epoch"], "final": 1}
+    final |= _evaluate(module, "valid", spec, cfg.batch_size)
+    final |= _evaluate(module, "test", spec, cfg.batch_size)
+    _report(final, rank, {"model": best_model, "optimizer": optimizer.state_dict(), "best_model": best_model,
+                          "progress": progress | {"stopped": True}}, loop_config, final=True)
+
+
+def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, batch_size: int) -> dict[str, float]:
+    shard = ray.train.get_dataset_shard(split)
+    local = predict_shard(module, shard.iter_torch_batches(batch_size=batch_size * 4,
+                                                           device=ray.train.torch.get_device()), len(spec.tasks))
+    gathered = gather_to_rank0(local)
+    if gathered is None:
+        return {}
+    return {f"{split}/{k}": v for k, v in split_metrics(gathered, spec).items()}
+
+
+def _report(metrics: dict, rank: int, state: dict, loop_config: dict, final: bool = False) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint (model, optimiser, best model, progress,
+    preprocessing state, config and code version) and a human-readable metrics.json."""
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save_state(d, {**state, "preprocessor": loop_config["preprocessor"], "job": loop_config["job"],
+                       "spec": loop_config["spec"], "code_version": loop_config["code_version"]})
+        summary = {"final": final, "metrics": metrics, "history": state["progress"]["history"]}
+        (Path(d) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _broadcast(value: Any) -> Any:
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+

@@ -1,0 +1,125 @@
+"""Dataset spec loading and the validation of Parquet logs against it: bad input is refused with an error
+that names the file, the column and the count."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, DatasetSpec, JobConfig, from_dict
+from pipeline.validate import DataValidationError, validate_dataset
+
+
+def test_spec_derives_shared_tables(spec):
+    assert spec.tables["category"].num_rows == 401
+    assert spec.tables["item_id"].encoding == "hash"
+    assert spec.sequences[0].table_name == "category"
+    assert "category" in spec.tables and "hist_category" not in spec.tables
+    assert spec.task("convert").depends_on == "click"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"name": "x", "tasks": []}, "at least one task"),
+    ({"name": "x", "tasks": [{"name": "a", "depends_on": "b"}]}, "unknown task 'b'"),
+    ({"name": "x", "tasks": [{"name": "a"}], "sparse": [{"name": "u"}]}, "needs vocab_size or hash_buckets"),
+    ({"name": "x", "tasks": [{"name": "a"}], "sparse": [{"name": "u", "vocab_size": 9, "hash_buckets": 9}]}, "both"),
+    ({"name": "x", "tasks": [{"name": "a"}], "sparse": [{"name": "u", "vocab_size": 9, "color": 1}]}, r"unknown keys \['color'\]"),
+    ({"name": "x", "tasks": [{"name": "a"}], "sequences": [{"name": "s", "vocab_size": 9, "pooling": "median"}]}, "pooling"),
+    ({"name": "x", "tasks": [{"name": "a"}], "sparse": [{"name": "u", "vocab_size": "many"}]}, "expected int"),
+    ({"name": "x", "tasks": [{"name": "a"}], "sparse": [{"name": "u", "vocab_size": 5, "dim": 8, "table": "t"},
+                                                        {"name": "v", "vocab_size": 6, "dim": 8, "table": "t"}]}, "defined differently"),
+])
+def test_bad_specs_are_refused(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(DatasetSpec, raw)
+
+
+def test_job_config_round_trips():
+    job = from_dict(JobConfig, {"model": {"name": "mmoe", "expert_hidden": [64]}, "train": {"epochs": 1, "lr": 1}})
+    assert job.model.expert_hidden == [64] and job.train.lr == 1.0
+    assert from_dict(JobConfig, job.to_dict()) == job
+
+
+def test_generated_log_is_valid(small_log, spec):
+    assert validate_dataset(str(small_log), spec) == {"train": 60_000, "valid": 10_000, "test": 10_000}
+
+
+def _corrupt(small_log, tmp_path, edit):
+    """Copy the log and rewrite one train file through ``edit(table) -> table``."""
+    bad = tmp_path / "bad"
+    shutil.copytree(small_log, bad)
+    f = sorted((bad / "train").glob("*.parquet"))[1]
+    pq.write_table(edit(pq.read_table(f)), f)
+    return bad, f
+
+
+def _set(table, column, values):
+    return table.set_column(table.schema.get_field_index(column), column, values)
+
+
+def test_missing_column(small_log, spec, tmp_path):
+    bad, f = _corrupt(small_log, tmp_path, lambda t: t.drop_columns(["item_brand"]))
+    with pytest.raises(DataValidationError, match=rf"{f}: column 'item_brand': missing"):
+        validate_dataset(str(bad), spec)
+
+
+def test_wrong_type(small_log, spec, tmp_path):
+    bad, f = _corrupt(small_log, tmp_path, lambda t: _set(t, "hour", t["hour"].cast(pa.float64())))
+    with pytest.raises(DataValidationError, match=rf"{f}: column 'hour': type double is not an integer or string id"):
+        validate_dataset(str(bad), spec)
+
+
+def test_label_outside_01(small_log, spec, tmp_path):
+    def edit(t):
+        click = t["click"].to_numpy().copy()
+        click[:7] = 2
+        return _set(t, "click", pa.array(click))
+    bad, f = _corrupt(small_log, tmp_path, edit)
+    with pytest.raises(DataValidationError, match=rf"{f}: column 'click': 7 of 20000 rows have a label outside"):
+        validate_dataset(str(bad), spec)
+
+
+def test_conversion_without_click(small_log, spec, tmp_path):
+    def edit(t):
+        click, convert = t["click"].to_numpy(), t["convert"].to_numpy().copy()
+        convert[np.flatnonzero(click == 0)[:5]] = 1
+        return _set(t, "convert", pa.array(convert))
+    bad, f = _corrupt(small_log, tmp_path, edit)
+    with pytest.raises(DataValidationError, match=rf"{f}: column 'convert': 5 of 20000 rows have convert=1 but click=0"):
+        validate_dataset(str(bad), spec)
+
+
+def test_nulls_and_nan(small_log, spec, tmp_path):
+    def edit(t):
+        users = t["user_id"].to_pylist()
+        users[3] = users[9] = None
+        price = t["item_price"].to_numpy().copy()
+        price[:4] = np.nan
+        return _set(_set(t, "user_id", pa.array(users, pa.int64())), "item_price", pa.array(price))
+    bad, f = _corrupt(small_log, tmp_path, edit)
+    with pytest.raises(DataValidationError) as e:
+        validate_dataset(str(bad), spec)
+    assert f"{f}: " in str(e.value)
+    assert "column 'user_id': 2 of 20000 rows are null" in str(e.value)
+    assert "column 'item_price': 4 of 20000 rows are NaN or infinite" in str(e.value)
+
+
+def test_truncated_file(small_log, spec, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(small_log, bad)
+    f = sorted((bad / "valid").glob("*.parquet"))[0]
+    f.write_bytes(f.read_bytes()[: 5000])
+    with pytest.raises(DataValidationError, match=rf"{f}: not a readable Parquet file"):
+        validate_dataset(str(bad), spec)
+
+
+def test_empty_split(small_log, spec, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(small_log, bad)
+    for f in (bad / "test").glob("*.parquet"):
+        f.unlink()
+    with pytest.raises(DataValidationError, match=r"no \.parquet files in split 'test'"):
+        validate_dataset(str(bad), spec)
