@@ -1,0 +1,153 @@
+"""The layer vocabulary every model is composed from: embedding front, MLP, experts, gate, tower."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import DatasetSpec
+
+
+class EmbeddingFront(nn.Module):
+    """All id features through one fused lookup per embedding dim (TorchRec style), plus dense features.
+
+    Tables of the same dim are stacked into one weight; each feature indexes it through a row offset,
+    so a batch's sparse ids are looked up with a single ``F.embedding`` and its sequences with a single
+    ``F.embedding_bag`` per (dim, pooling), whatever the number of features. A shared table (a behaviour
+    sequence of categories and the target item's category) is stored once.
+
+    Inputs hold table-local indices: ``sparse`` [B, F], ``seq`` [B, S, L] (0 = padding) and ``dense``
+    [B, D]. Output: [B, out_dim] = flattened sparse embeddings, pooled sequences, dense.
+    """
+
+    def __init__(self, spec: DatasetSpec, init_std: float = 0.02) -> None:
+        super().__init__()
+        by_dim: dict[int, list] = defaultdict(list)
+        for table in spec.tables.values():
+            by_dim[table.dim].append(table)
+        self.dims = sorted(by_dim)
+        self.weights = nn.ParameterList()
+        table_offset: dict[str, int] = {}
+        for dim in self.dims:
+            rows = 0
+            for table in by_dim[dim]:
+                table_offset[table.name] = rows
+                rows += table.num_rows
+            self.weights.append(nn.Parameter(torch.randn(rows, dim) * init_std))
+        group_of = {t.name: self.dims.index(t.dim) for t in spec.tables.values()}
+
+        # per dim group: which sparse columns it serves and their row offsets
+        self.sparse_groups: list[int] = []
+        for g in range(len(self.dims)):
+            cols = [j for j, f in enumerate(spec.sparse) if group_of[f.table_name] == g]
+            if cols:
+                self.sparse_groups.append(g)
+                self.register_buffer(f"sparse_cols_{g}", torch.tensor(cols), persistent=False)
+                self.register_buffer(f"sparse_off_{g}", torch.tensor(
+                    [table_offset[spec.sparse[j].table_name] for j in cols]), persistent=False)
+        # per (dim group, pooling): which sequence features and their offsets
+        self.seq_groups: list[tuple[int, str]] = []
+        for g in range(len(self.dims)):
+            for pooling in ("mean", "sum", "max"):
+                cols = [j for j, s in enumerate(spec.sequences) if group_of[s.table_name] == g and s.pooling == pooling]
+                if cols:
+                    k = len(self.seq_groups)
+                    self.seq_groups.append((g, pooling))
+                    self.register_buffer(f"seq_cols_{k}", torch.tensor(cols), persistent=False)
+                    self.register_buffer(f"seq_off_{k}", torch.tensor(
+                        [table_offset[spec.sequences[j].table_name] for j in cols]), persistent=False)
+        self.out_dim = (sum(f.dim for f in spec.sparse) + sum(spec.tables[s.table_name].dim for s in spec.sequences)
+                        + len(spec.dense))
+
+    def forward(self, sparse: torch.Tensor, seq: torch.Tensor | None = None,
+                dense: torch.Tensor | None = None) -> torch.Tensor:
+        batch = sparse.shape[0]
+        parts = []
+        for g in self.sparse_groups:
+            idx = sparse[:, getattr(self, f"sparse_cols_{g}")] + getattr(self, f"sparse_off_{g}")
+            parts.append(F.embedding(idx, self.weights[g]).reshape(batch, -1))
+        for k, (g, pooling) in enumerate(self.seq_groups):
+            ids = seq[:, getattr(self, f"seq_cols_{k}")]  # [B, S, L]
+            parts.append(self._pool(ids, getattr(self, f"seq_off_{k}"), self.weights[g], pooling).reshape(batch, -1))
+        if dense is not None and dense.shape[-1] > 0:
+            parts.append(dense)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def _pool(ids: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, pooling: str) -> torch.Tensor:
+        batch, s, length = ids.shape
+        mask = ids != 0
+        idx = (ids + offsets[None, :, None]).reshape(batch * s, length)
+        if pooling == "max":
+            emb = F.embedding(idx, weight).masked_fill(~mask.reshape(batch * s, length, 1), -math.inf)
+            pooled = emb.max(dim=1).values
+            return torch.where(torch.isinf(pooled), torch.zeros_like(pooled), pooled).reshape(batch, s, -1)
+        w = mask.reshape(batch * s, length).to(weight.dtype)
+        if pooling == "mean":
+            w = w / w.sum(dim=1, keepdim=True).clamp(min=1)
+        # padded positions get weight 0, so an all-padding sequence pools to zeros
+        return F.embedding_bag(idx, weight, per_sample_weights=w, mode="sum").reshape(batch, s, -1)
+
+
+class MLP(nn.Sequential):
+    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0) -> None:
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(in_dim, h), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+            in_dim = h
+        super().__init__(*layers)
+        self.out_dim = in_dim
+
+
+class Experts(nn.Module):
+    """``num_experts`` MLPs evaluated as one batched matmul per layer: weights [E, in, out].
+
+    ``x`` is either [B, in] (every expert reads the same input) or [B, E, in] (each expert its own,
+    as in PLE's upper levels). Returns [B, E, out]."""
+
+    def __init__(self, in_dim: int, hidden: list[int], num_experts: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        dims = [in_dim, *hidden]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for i, o in zip(dims[:-1], dims[1:]):
+            bound = 1 / math.sqrt(i)  # nn.Linear's default init, per expert
+            self.weights.append(nn.Parameter(torch.empty(num_experts, i, o).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_experts, o).uniform_(-bound, bound)))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.num_experts, self.out_dim = num_experts, dims[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for w, b in zip(self.weights, self.biases):
+            x = torch.einsum("bi,eio->beo" if x.dim() == 2 else "bei,eio->beo", x, w) + b
+            x = self.dropout(F.relu(x))
+        return x
+
+
+class Gate(nn.Module):
+    """``num_gates`` softmax gates over ``num_experts`` experts: [B, in] or [B, G, in] -> [B, G, E]."""
+
+    def __init__(self, in_dim: int, num_experts: int, num_gates: int = 1) -> None:
+        super().__init__()
+        bound = 1 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(num_gates, in_dim, num_experts).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(num_gates, num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.einsum("bi,gie->bge" if x.dim() == 2 else "bgi,gie->bge", x, self.weight) + self.bias
+        return logits.softmax(dim=-1)
+
+
+class Tower(nn.Module):
+    """A task head: MLP then one logit. [B, in] -> [B]."""
+
+    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden, dropout)
+        self.out = nn.Linear(self.mlp.out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mlp(x)).squeeze(-1)

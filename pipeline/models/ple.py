@@ -1,0 +1,45 @@
+"""PLE (Tang et al., RecSys 2020): stacked CGC levels of shared and task-specific experts.
+
+At every level each task's gate mixes that task's own experts with the shared experts; below the last
+level a shared gate mixes all experts into the next level's shared input. One level is CGC. All experts
+of a level run as one batched op, each reading its own input (the shared or its task's stream)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import DatasetSpec, ModelConfig
+from pipeline.layers import Experts, Gate, Tower
+from pipeline.models.base import MultiTaskModel
+
+
+class PLE(MultiTaskModel):
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
+        super().__init__(spec, cfg)
+        T, S, K = len(spec.tasks), cfg.num_shared_experts, cfg.num_task_experts
+        # experts are laid out [shared 0..S-1 | task 0's K | task 1's K | ...]
+        self.register_buffer("expert_stream", torch.tensor([0] * S + [1 + t for t in range(T) for _ in range(K)]),
+                             persistent=False)  # which input stream each expert reads: 0 = shared, 1+t = task t
+        self.register_buffer("task_experts", torch.tensor([[*range(S + t * K, S + (t + 1) * K), *range(S)]
+                                                           for t in range(T)]), persistent=False)  # [T, K+S]
+        in_dim = self.front.out_dim
+        self.experts, self.task_gates, self.shared_gates = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for level in range(cfg.num_levels):
+            self.experts.append(Experts(in_dim, cfg.expert_hidden, S + T * K, cfg.dropout))
+            self.task_gates.append(Gate(in_dim, K + S, num_gates=T))
+            if level < cfg.num_levels - 1:
+                self.shared_gates.append(Gate(in_dim, S + T * K))
+            in_dim = self.experts[-1].out_dim
+        self.towers = nn.ModuleList(Tower(in_dim, cfg.tower_hidden, cfg.dropout) for _ in spec.tasks)
+
+    def task_logits(self, x: torch.Tensor) -> torch.Tensor:
+        shared, tasks = x, None  # level 0: every stream is the embedding front's output
+        for level, experts in enumerate(self.experts):
+            streams = None if tasks is None else torch.cat([shared[:, None], tasks], dim=1)  # [B, 1+T, H]
+            out = experts(x if streams is None else streams[:, self.expert_stream])  # [B, E, H]
+            gates = self.task_gates[level](x if tasks is None else tasks)  # [B, T, K+S]
+            tasks = (gates.unsqueeze(-1) * out[:, self.task_experts]).sum(dim=2)  # [B, T, H]
+            self.last_gates[f"level{level}"] = gates.detach()
+            if level < len(self.shared_gates):
+                shared = (self.shared_gates[level](shared) @ out).squeeze(1)  # [B, H]
+        return torch.stack([tower(tasks[:, j]) for j, tower in enumerate(self.towers)], dim=1)
