@@ -69,7 +69,9 @@ def scaling_for_cluster(cfg: TrainConfig) -> tuple[ScalingConfig, int]:
     else:
         data_headroom = max(1.0, 0.25 * cpus)
         per_worker = {"CPU": cfg.cpus_per_worker or max(0.1, min(8.0, (cpus - data_headroom) / cfg.num_workers))}
-    threads = max(1, int(per_worker["CPU"] + 0.5))
+    # Ray's CPU reservation is logical; torch threads use physical cores. Data tasks mostly wait on I/O
+    # and are light next to the model, so a worker gets its share of all cores, not just its reservation.
+    threads = max(1, int(per_worker["CPU"] + 0.5)) if use_gpu else max(1, int(cpus // cfg.num_workers))
     return ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker), threads
 
 

@@ -102,14 +102,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best_model,
                  "progress": progress}, loop_config)
 
-    # model selection on validation, then one evaluation on test
+    # model selection on validation, then one evaluation on test. The final checkpoint keeps the last
+    # epoch's weights and optimiser in "model"/"optimizer" (a rerun with more epochs continues from
+    # them) and the selected weights in "best_model" (what inference loads).
+    last_model = copy.deepcopy(module.state_dict())
     best_model = _broadcast(best_model)
     module.load_state_dict(best_model)
     final = {"epoch": progress["epoch"] - 1, "best_epoch": progress["best_epoch"], "final": 1}
     final |= _evaluate(module, "valid", spec, cfg.batch_size)
     final |= _evaluate(module, "test", spec, cfg.batch_size)
-    _report(final, rank, {"model": best_model, "optimizer": optimizer.state_dict(), "best_model": best_model,
-                          "progress": progress | {"stopped": True}}, loop_config, final=True)
+    _report(final, rank, {"model": last_model, "optimizer": optimizer.state_dict(), "best_model": best_model,
+                          "progress": progress}, loop_config, final=True)
 
 
 def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, batch_size: int) -> dict[str, float]:

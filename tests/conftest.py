@@ -32,7 +32,10 @@ def ray_local():
     """One local Ray instance (2 CPUs, like this machine) shared by the tests that need it; shut down at the end."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    here = Path(__file__).resolve().parent
+    # workers unpickle train loops defined in test modules, so they need tests/ on their path
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": {"PYTHONPATH": f"{here}:{here.parent}"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
