@@ -166,9 +166,11 @@ class DatasetSpec:
 
 @dataclass
 class ModelConfig:
-    name: str = "ple"  # ple | mmoe
+    name: str = "ple"  # single_task | shared_bottom | omoe | mmoe | ple | esmm | aitm
+    # hidden sizes of each expert; also the bottom MLP of shared_bottom, single_task and aitm
     expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
     tower_hidden: list[int] = field(default_factory=lambda: [32])
+    towers: dict[str, list[int]] = field(default_factory=dict)  # per-task tower sizes (e.g. ESMM's CTR/CVR)
     num_experts: int = 4  # MMoE: experts shared by all tasks
     num_shared_experts: int = 2  # PLE: shared experts per level
     num_task_experts: int = 2  # PLE: experts per task per level
@@ -177,6 +179,7 @@ class ModelConfig:
     # how a task with depends_on is trained: "esmm" = p(task) = p(parent) * p(task | parent) with the
     # loss over all exposures; "masked" = a plain head trained on the parent-positive rows only.
     dependent_loss: str = "esmm"
+    aitm_constraint_weight: float = 0.6  # AITM's label-constraint loss weight (the paper's alpha)
 
 
 @dataclass
@@ -188,6 +191,11 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     loss_weights: dict[str, float] = field(default_factory=dict)  # task -> weight (default 1)
+    # fixed | uncertainty (Kendall et al. 2018) | gradnorm (Chen et al. 2018) | decay (PLE: w0 * gamma^epoch)
+    loss_weighting: str = "fixed"
+    loss_weight_decay: dict[str, float] = field(default_factory=dict)  # decay: task -> gamma (default 1)
+    gradnorm_alpha: float = 1.5
+    gradnorm_lr: float = 0.025
     patience: int = 1  # early stopping: epochs without validation improvement
     early_stop_metric: str = "mean_auc"  # mean of the tasks' validation AUCs
     num_workers: int = 2

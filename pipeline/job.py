@@ -3,6 +3,7 @@ launch the TorchTrainer and write the run's outputs (metrics.json, config.yaml, 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.checkpoint import code_version
-from pipeline.config import DatasetSpec, JobConfig, TrainConfig
+from pipeline.config import ConfigError, DatasetSpec, JobConfig, TrainConfig
 from pipeline.data import Preprocessor, build_datasets, read_split
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
 from pipeline.train import train_loop_per_worker
@@ -78,7 +79,8 @@ def scaling_for_cluster(cfg: TrainConfig) -> tuple[ScalingConfig, int]:
 def default_synthetic_data(rows: dict[str, int] | None = None, seed: int = 0) -> Path:
     """The built-in default log: generated once into the cache directory, reused afterwards."""
     cfg = SyntheticConfig(rows=rows, seed=seed)
-    path = DEFAULT_CACHE / f"synthetic-v1-{cfg.rows['train']}-{cfg.rows['valid']}-{cfg.rows['test']}-s{seed}"
+    key = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    path = DEFAULT_CACHE / f"synthetic-{cfg.rows['train']}-{key}"  # a new generator config, a new log
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         generate(path, cfg)
@@ -113,6 +115,24 @@ def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) ->
     return pre
 
 
+def check_resumable(job: JobConfig, storage: str) -> None:
+    """A rerun with an existing run name resumes it; refuse when that run was made on other data or
+    with another model, whose checkpoint would silently be evaluated on this data."""
+    fs, root = _fs(storage)
+    selector = pafs.FileSelector(f"{root}/{job.name}", allow_not_found=True)
+    checkpoints = sorted(f.path for f in fs.get_file_info(selector)
+                         if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_"))
+    if not checkpoints:
+        return
+    with fs.open_input_stream(f"{checkpoints[-1]}/config.json") as f:
+        previous = json.loads(f.read())["job"]
+    for key in ("data", "model"):
+        if previous[key] != job.to_dict()[key]:
+            raise ConfigError(
+                f"run {job.name!r} in {storage} was made with {key} {previous[key]}, not {job.to_dict()[key]}; "
+                f"pass another --name to start a new run (or delete {root}/{job.name})")
+
+
 def run(job: JobConfig) -> dict[str, Any]:
     """Train and evaluate one model; returns the nested metrics also written to <output>/metrics.json."""
     connect_ray()
@@ -120,6 +140,7 @@ def run(job: JobConfig) -> dict[str, Any]:
     rows = validate_dataset(job.data.path, spec)
     print(f"data {job.data.path}: {rows} rows, spec {spec.name!r} OK")
     storage = _storage(job)
+    check_resumable(job, storage)
     pre = fit_or_load_preprocessor(job, spec, storage)
     scaling, threads = scaling_for_cluster(job.train)
     print(f"workers: {scaling.num_workers} x {scaling.resources_per_worker} ({threads} torch threads each)")

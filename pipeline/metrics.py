@@ -17,14 +17,17 @@ from pipeline.config import DatasetSpec
 PREDICTION_KEYS = ("prob", "cond_prob", "labels", "oracle")
 
 
-def gather_to_rank0(local: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    """Concatenate every worker's arrays on rank 0 (returns None on other ranks)."""
+def gather_to_rank0(local: dict, concat: bool = True) -> dict | None:
+    """Every worker's values on rank 0 (None on other ranks): arrays concatenated, or (concat=False)
+    a list with one value per worker."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
+        return local if concat else {k: [v] for k, v in local.items()}
     parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local, parts, dst=0)
     if dist.get_rank() != 0:
         return None
+    if not concat:
+        return {k: [p[k] for p in parts] for k in local}
     return {k: np.concatenate([p[k] for p in parts if k in p]) for k in local}
 
 
@@ -67,12 +70,14 @@ def split_metrics(pred: dict[str, np.ndarray], spec: DatasetSpec) -> dict[str, f
 
 
 @torch.no_grad()
-def predict_shard(model: torch.nn.Module, batches, num_tasks: int) -> dict[str, np.ndarray]:
+def predict_shard(model: torch.nn.Module, batches, num_tasks: int, gates=None) -> dict[str, np.ndarray]:
     """Run the model over one worker's shard of an evaluation split, keeping everything on the host."""
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in PREDICTION_KEYS}
     for batch in batches:
         out = model(batch)
+        if gates is not None:
+            gates.update(model.last_gates)
         chunks["prob"].append(out["prob"].float().cpu().numpy())
         chunks["cond_prob"].append(out["cond_prob"].float().cpu().numpy())
         chunks["labels"].append(batch["labels"].cpu().numpy())

@@ -48,7 +48,7 @@ class SyntheticConfig:
     nonlinearity: int = 3  # number of sin terms per task (MMoE paper: 10; 0 = linear in x)
     ctr_scale: float = 0.8  # logit scale (score standardised): sets the oracle CTR AUC
     cvr_scale: float = 0.8
-    target_ctr: float = 0.05
+    target_ctr: float = 0.08
     target_cvr: float = 0.12  # among clicks
     rows_per_file: int = 250_000
     seed: int = 0

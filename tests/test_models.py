@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pipeline.config import DatasetSpec, ModelConfig, from_dict
 from pipeline.layers import EmbeddingFront, Experts
 from pipeline.models import build_model
-from pipeline.models.base import multitask_loss
+from pipeline.models import MODELS
 
 SPEC = {
     "name": "t",
@@ -105,7 +105,7 @@ def test_shapes_funnel_and_gradients(spec, cfg):
     assert torch.all((out["prob"] > 0) & (out["prob"] < 1))
     assert torch.all(out["prob"][:, 1] <= out["prob"][:, 0])  # pCTCVR <= pCTR
     torch.testing.assert_close(out["prob"][:, 1], out["prob"][:, 0] * out["cond_prob"][:, 1])
-    loss, per_task = multitask_loss(out, batch["labels"], model.parents, cfg, torch.ones(2))
+    loss = model.task_losses(out, batch["labels"]).sum()
     loss.backward()
     experts = [model.experts] if cfg.name == "mmoe" else list(model.experts)
     for block in experts:
@@ -126,13 +126,13 @@ def test_masked_loss_ignores_rows_without_parent(spec):
     out = model(batch)
     labels = batch["labels"].clone()
     row = int((labels[:, 0] == 0).nonzero()[0])
-    _, a = multitask_loss(out, labels, model.parents, model.cfg, torch.ones(2))
+    a = model.task_losses(out, labels)
     labels[row, 1] = 1.0  # a (bad) conversion label on a non-clicked row: outside the masked loss
-    _, b = multitask_loss(out, labels, model.parents, model.cfg, torch.ones(2))
+    b = model.task_losses(out, labels)
     assert a[1] == b[1]
-    esmm = ModelConfig(name="mmoe", dependent_loss="esmm")
-    _, c = multitask_loss(out, batch["labels"], model.parents, esmm, torch.ones(2))
-    _, d = multitask_loss(out, labels, model.parents, esmm, torch.ones(2))
+    model.cfg = ModelConfig(name="mmoe", dependent_loss="esmm")
+    c = model.task_losses(out, batch["labels"])
+    d = model.task_losses(out, labels)
     assert c[1] != d[1]  # the ESMM loss is over all exposures
     # the ESMM loss is the BCE of the chained probability
     ref = F.binary_cross_entropy(out["prob"][:, 1], batch["labels"][:, 1])
@@ -148,7 +148,8 @@ def test_training_steps_reduce_loss(spec):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     click_losses = []
     for _ in range(80):
-        loss, per_task = multitask_loss(model(batch), batch["labels"], model.parents, model.cfg, torch.ones(2))
+        per_task = model.task_losses(model(batch), batch["labels"])
+        loss = per_task.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()

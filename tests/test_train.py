@@ -97,3 +97,17 @@ def test_two_worker_run_learns_and_resumes(ray_local, small_log, tmp_path):
     again = run(_job(small_log, tmp_path, epochs=3))
     assert again["history"] == resumed["history"]
     assert again["test"] == resumed["test"]
+
+
+def test_rerun_with_other_data_is_refused(tmp_path, small_log):
+    from pipeline.config import ConfigError
+    from pipeline.job import check_resumable
+
+    job = _job(small_log, tmp_path, epochs=1, name="old")
+    ckpt = tmp_path / "results" / "old" / "checkpoint_2026-01-01_00-00-00.000000"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps({"job": job.to_dict()}))
+    check_resumable(job, str(tmp_path / "results"))  # same data and model: resumable
+    job.data.path = "/elsewhere"
+    with pytest.raises(ConfigError, match="run 'old' .* was made with data"):
+        check_resumable(job, str(tmp_path / "results"))

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 from pipeline.config import DatasetSpec, ModelConfig
+from pipeline.models.aitm import AITM
 from pipeline.models.base import MultiTaskModel
-from pipeline.models.mmoe import MMoE
+from pipeline.models.bottom import SharedBottom, SingleTask
+from pipeline.models.esmm import ESMM
+from pipeline.models.mmoe import MMoE, OMoE
 from pipeline.models.ple import PLE
 
-MODELS: dict[str, type[MultiTaskModel]] = {"mmoe": MMoE, "ple": PLE}
+MODELS: dict[str, type[MultiTaskModel]] = {
+    "single_task": SingleTask, "shared_bottom": SharedBottom, "omoe": OMoE, "mmoe": MMoE, "ple": PLE,
+    "esmm": ESMM, "aitm": AITM,
+}
 
 
 def build_model(spec: DatasetSpec, cfg: ModelConfig) -> MultiTaskModel:

@@ -1,5 +1,5 @@
 """What every multi-task model shares: the embedding front, the funnel composition of task
-probabilities, and the multi-task loss. A model only defines ``task_logits``."""
+probabilities, and the per-task losses. A model defines ``task_logits`` (and may add a regulariser)."""
 from __future__ import annotations
 
 import torch
@@ -23,52 +23,72 @@ def task_parents(spec: DatasetSpec) -> list[int]:
 class MultiTaskModel(nn.Module):
     """forward(batch) -> {"logits", "cond_prob", "prob", "log_prob"}, each [B, T] in spec.tasks order.
 
-    ``cond_prob`` is each head's own probability: P(task | parent positive) for a dependent task.
-    ``prob`` is over the full exposure space, chained down the funnel (ESMM): P(convert) =
-    P(click) * P(convert | click); chains of any depth work (click -> cart -> purchase)."""
+    ``prob`` is P(task label = 1 | exposure). ``cond_prob`` is P(task | parent positive) for a dependent
+    task (the head's own probability for a root). By default a dependent task's head predicts the
+    conditional and ``prob`` is chained down the funnel (ESMM): P(convert) = P(click) * P(convert | click),
+    for chains of any depth (click -> cart -> purchase). A model whose heads predict exposure-space
+    probabilities directly (AITM) sets ``chains_probabilities = False``."""
+
+    chains_probabilities = True
 
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
         super().__init__()
         self.spec, self.cfg = spec, cfg
         self.parents = task_parents(spec)
         self.front = EmbeddingFront(spec)
-        self.last_gates: dict[str, torch.Tensor] = {}  # gate weights of the last batch, for diagnostics
+        self.last_gates: dict[str, torch.Tensor] = {}  # gate weights [B, T, E] of the last batch, for diagnostics
 
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def tower_hidden(self, task: str) -> list[int]:
+        return self.cfg.towers.get(task, self.cfg.tower_hidden)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = self.front(batch["sparse"], batch.get("seq"), batch.get("dense"))
         logits = self.task_logits(x)
-        log_cond = F.logsigmoid(logits)
-        log_prob = []
-        for j, p in enumerate(self.parents):  # a handful of tasks: chain in log space for stability
-            log_prob.append(log_cond[:, j] if p < 0 else log_prob[p] + log_cond[:, j])
-        log_prob = torch.stack(log_prob, dim=1)
+        log_head = F.logsigmoid(logits)
+        if self.chains_probabilities:
+            log_prob = []
+            for j, p in enumerate(self.parents):  # a handful of tasks: chain in log space for stability
+                log_prob.append(log_head[:, j] if p < 0 else log_prob[p] + log_head[:, j])
+            log_prob = torch.stack(log_prob, dim=1)
+            log_cond = log_head
+        else:
+            log_prob = log_head
+            parent_log = torch.stack([log_prob[:, p] if p >= 0 else torch.zeros_like(log_prob[:, j])
+                                      for j, p in enumerate(self.parents)], dim=1)
+            log_cond = (log_prob - parent_log).clamp(max=0.0)
         return {"logits": logits, "cond_prob": log_cond.exp(), "prob": log_prob.exp(), "log_prob": log_prob}
 
+    def task_losses(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Unweighted binary cross-entropy per task, [T].
 
-def multitask_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, parents: list[int], cfg: ModelConfig,
-                   weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted sum of per-task binary cross-entropies; returns (total, per-task [T]).
+        A root task, or any task of a non-chaining model: BCE of its head over all exposures. A dependent
+        task with ``dependent_loss: esmm``: BCE of the chained P(task) against its exposure-space label over
+        all rows (ESMM's CTCVR loss: no sample selection bias). With ``masked``: BCE of its own head on the
+        rows whose parent label is 1 only (the classic CVR model, trained on clicks)."""
+        losses = []
+        for j, p in enumerate(self.parents):
+            y = labels[:, j]
+            if p < 0 or not self.chains_probabilities:
+                losses.append(F.binary_cross_entropy_with_logits(out["logits"][:, j], y))
+            elif self.cfg.dependent_loss == "esmm":
+                log_p = out["log_prob"][:, j].clamp(max=-1e-7)
+                log_not_p = torch.log(-torch.expm1(log_p))  # log(1 - p), exact for p near 0 and near 1
+                losses.append(-(y * log_p + (1 - y) * log_not_p).mean())
+            elif self.cfg.dependent_loss == "masked":
+                mask = labels[:, p]
+                bce = F.binary_cross_entropy_with_logits(out["logits"][:, j], y, reduction="none")
+                losses.append((bce * mask).sum() / mask.sum().clamp(min=1))
+            else:
+                raise ValueError(f"dependent_loss must be esmm or masked, got {self.cfg.dependent_loss!r}")
+        return torch.stack(losses)
 
-    A root task: BCE of its head. A dependent task with ``dependent_loss: esmm``: BCE of the chained
-    probability P(task) against its exposure-space label over all rows (ESMM's CTCVR loss: no sample
-    selection bias). With ``masked``: BCE of its own head on the rows whose parent label is 1 only."""
-    losses = []
-    for j, p in enumerate(parents):
-        y = labels[:, j]
-        if p < 0:
-            losses.append(F.binary_cross_entropy_with_logits(out["logits"][:, j], y))
-        elif cfg.dependent_loss == "esmm":
-            log_p = out["log_prob"][:, j].clamp(max=-1e-7)
-            log_not_p = torch.log(-torch.expm1(log_p))  # log(1 - p), exact for p near 0 and near 1
-            losses.append(-(y * log_p + (1 - y) * log_not_p).mean())
-        elif cfg.dependent_loss == "masked":
-            mask = labels[:, p]
-            bce = F.binary_cross_entropy_with_logits(out["logits"][:, j], y, reduction="none")
-            losses.append((bce * mask).sum() / mask.sum().clamp(min=1))
-        else:
-            raise ValueError(f"dependent_loss must be esmm or masked, got {cfg.dependent_loss!r}")
-    per_task = torch.stack(losses)
-    return (weights * per_task).sum(), per_task
+    def regularizer(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """An extra loss term outside the task weighting (AITM's label constraint); none by default."""
+        return out["logits"].new_zeros(())
+
+    def shared_parameter(self) -> torch.Tensor:
+        """The last layer shared by all tasks: GradNorm balances the tasks' gradient norms on it."""
+        return self.front.weights[-1]

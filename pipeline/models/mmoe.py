@@ -1,4 +1,5 @@
-"""MMoE (Ma et al., KDD 2018): experts shared by all tasks, one softmax gate per task mixing them."""
+"""MMoE (Ma et al., KDD 2018): experts shared by all tasks, one softmax gate per task mixing them.
+OMoE is the same with one gate shared by all tasks."""
 from __future__ import annotations
 
 import torch
@@ -10,16 +11,27 @@ from pipeline.models.base import MultiTaskModel
 
 
 class MMoE(MultiTaskModel):
+    one_gate = False
+
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
         super().__init__(spec, cfg)
-        num_tasks = len(spec.tasks)
         self.experts = Experts(self.front.out_dim, cfg.expert_hidden, cfg.num_experts, cfg.dropout)
-        self.gates = Gate(self.front.out_dim, cfg.num_experts, num_gates=num_tasks)
-        self.towers = nn.ModuleList(Tower(self.experts.out_dim, cfg.tower_hidden, cfg.dropout) for _ in spec.tasks)
+        self.gates = Gate(self.front.out_dim, cfg.num_experts, num_gates=1 if self.one_gate else len(spec.tasks))
+        self.towers = nn.ModuleList(Tower(self.experts.out_dim, self.tower_hidden(t), cfg.dropout)
+                                    for t in spec.task_names)
 
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
         experts = self.experts(x)  # [B, E, H]
-        gates = self.gates(x)  # [B, T, E]
-        mixed = gates @ experts  # [B, T, H]: each task's own mixture of the shared experts
-        self.last_gates = {"tasks": gates.detach()}
+        gates = self.gates(x).expand(-1, len(self.towers), -1)  # [B, T, E]
+        mixed = gates @ experts  # [B, T, H]: each task's mixture of the shared experts
+        self.last_gates = {"experts": gates.detach()}
         return torch.stack([tower(mixed[:, j]) for j, tower in enumerate(self.towers)], dim=1)
+
+    def shared_parameter(self) -> torch.Tensor:
+        return self.experts.weights[-1]
+
+
+class OMoE(MMoE):
+    """One-gate mixture of experts: the MMoE paper's baseline."""
+
+    one_gate = True

@@ -1,0 +1,24 @@
+"""ESMM (Ma et al., SIGIR 2018): a CTR tower and a CVR tower on the shared embeddings, each with its
+own tower config (``model.towers``); pCTCVR = pCTR x pCVR and the loss is CTR loss + CTCVR loss over all
+exposures (the base class's esmm chaining), so the CVR tower learns from the whole exposure space.
+Funnels of any depth chain the same way (impression -> click -> cart -> purchase)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import DatasetSpec, ModelConfig
+from pipeline.layers import Tower
+from pipeline.models.base import MultiTaskModel
+
+
+class ESMM(MultiTaskModel):
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
+        if cfg.dependent_loss != "esmm":
+            raise ValueError("ESMM trains dependent tasks over the exposure space: dependent_loss must be 'esmm'")
+        super().__init__(spec, cfg)
+        self.towers = nn.ModuleList(Tower(self.front.out_dim, self.tower_hidden(t), cfg.dropout)
+                                    for t in spec.task_names)
+
+    def task_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([tower(x) for tower in self.towers], dim=1)
