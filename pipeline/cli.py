@@ -5,12 +5,15 @@ import argparse
 import sys
 
 from pipeline.config import DataPaths, JobConfig, merge_overrides
+from pipeline.models import MODELS
 from pipeline.synthetic import SPEC_PATH
+from pipeline.weighting import STRATEGIES
 
 
-def parse_args(model: str, argv: list[str] | None = None) -> JobConfig:
-    p = argparse.ArgumentParser(description=f"Train a {model.upper()} multi-task model with Ray Train.")
+def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
+    p = argparse.ArgumentParser(description=f"Train a {(model or 'multi-task').upper()} model with Ray Train.")
     p.add_argument("--config", help="JobConfig YAML (e.g. a previous run's config.yaml); flags override it")
+    p.add_argument("--model", default=None if model else "ple", help=f"one of {sorted(MODELS)}")
     p.add_argument("--data", help="dataset directory/URI with train/ valid/ test/ Parquet splits "
                                   "(default: the built-in synthetic log, generated into the cache)")
     p.add_argument("--spec", help="dataset spec YAML (default: the synthetic log's spec)")
@@ -20,19 +23,24 @@ def parse_args(model: str, argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--loss-weighting", choices=STRATEGIES)
     p.add_argument("--name", help="run name; rerunning with the same name resumes from its latest checkpoint")
     p.add_argument("--storage-path", help="checkpoints and results: a local directory or s3://...")
     p.add_argument("--output", help="where metrics.json, config.yaml and checkpoint/ are written")
     p.add_argument("--train-rows", type=int, help="rows of the default synthetic log's train split")
     args = p.parse_args(argv)
 
+    model = args.model or model
     job = JobConfig.load(args.config) if args.config else JobConfig(name=model, output=f"outputs/{model}")
-    if not args.config:
+    if not args.config or args.model:
         job.model.name = model
+    if job.model.name not in MODELS:
+        p.error(f"unknown model {job.model.name!r}; known: {sorted(MODELS)}")
     job = merge_overrides(job, {
         "data.path": args.data, "data.spec": args.spec, "train.num_workers": args.workers,
         "train.use_gpu": args.gpu, "train.epochs": args.epochs, "train.batch_size": args.batch_size,
-        "train.lr": args.lr, "name": args.name, "storage_path": args.storage_path, "output": args.output,
+        "train.lr": args.lr, "train.seed": args.seed, "train.loss_weighting": args.loss_weighting, "name": args.name, "storage_path": args.storage_path, "output": args.output,
     })
     if not job.data.path:
         from pipeline.job import default_synthetic_data
@@ -45,7 +53,7 @@ def parse_args(model: str, argv: list[str] | None = None) -> JobConfig:
     return job
 
 
-def main(model: str, argv: list[str] | None = None) -> None:
+def main(model: str | None, argv: list[str] | None = None) -> None:
     from pipeline.job import run
 
     run(parse_args(model, argv))

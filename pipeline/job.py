@@ -22,6 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline.checkpoint import code_version
 from pipeline.config import ConfigError, DatasetSpec, JobConfig, TrainConfig
 from pipeline.data import Preprocessor, build_datasets, read_split
+from pipeline.plots import plot_gates, plot_learning_curves
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
 from pipeline.train import train_loop_per_worker
 from pipeline.validate import validate_dataset
@@ -178,7 +179,13 @@ def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result) -
     metrics["checkpoint"] = str(ckpt_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     (out / "config.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+    plot_gates(summary["metrics"], spec.task_names, out / "gates.png")
+    plot_learning_curves(summary["history"], spec.task_names, out / "learning_curves.png")
     print(format_table(metrics, spec))
+    for flag in ("collapsed", "identical"):
+        hit = [k for k, v in summary["metrics"].items() if k.startswith("valid/gates/") and k.endswith(flag) and v]
+        if hit:
+            print(f"WARNING: gates {flag}: {', '.join(k.split('/')[2] for k in hit)} (see gates.png)")
     print(f"wrote {out / 'metrics.json'}, {out / 'config.yaml'} and {ckpt_dir}")
     return metrics
 

@@ -133,12 +133,16 @@ class Gate(nn.Module):
     def __init__(self, in_dim: int, num_experts: int, num_gates: int = 1) -> None:
         super().__init__()
         bound = 1 / math.sqrt(in_dim)
-        self.weight = nn.Parameter(torch.empty(num_gates, in_dim, num_experts).uniform_(-bound, bound))
+        # laid out [in, G, E] so that a shared input is one plain matmul with contiguous gradients
+        self.weight = nn.Parameter(torch.empty(in_dim, num_gates, num_experts).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(num_gates, num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.einsum("bi,gie->bge" if x.dim() == 2 else "bgi,gie->bge", x, self.weight) + self.bias
-        return logits.softmax(dim=-1)
+        if x.dim() == 2:
+            logits = (x @ self.weight.flatten(1)).view(x.shape[0], *self.bias.shape)
+        else:
+            logits = torch.einsum("bgi,ige->bge", x, self.weight)
+        return (logits + self.bias).softmax(dim=-1)
 
 
 class Tower(nn.Module):

@@ -1,0 +1,124 @@
+"""Studies that train many models: the task-correlation sweep (the MMoE paper's synthetic experiment,
+on our impression logs) and the multi-seed quality benchmark. Each run is a normal training run."""
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import ray
+import torch
+
+from pipeline.config import DataPaths, JobConfig, ModelConfig, TrainConfig
+from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
+
+CORRELATIONS = (1.0, 0.9, 0.5, 0.0)
+STUDY_MODELS = ("shared_bottom", "omoe", "mmoe", "ple")
+
+
+def environment() -> str:
+    return (f"{date.today()} | {platform.platform()} | {platform.processor() or platform.machine()} "
+            f"| {int(ray.cluster_resources().get('CPU', 0))} CPUs | Python {platform.python_version()} "
+            f"| torch {torch.__version__} | ray {ray.__version__}")
+
+
+def correlation_study(out_dir: Path, train_rows: int = 300_000, eval_rows: int = 50_000, epochs: int = 1,
+                      workers: int = 1, models=STUDY_MODELS, correlations=CORRELATIONS, seed: int = 0) -> list[dict]:
+    """Train every model on logs generated at each task correlation; returns one row per (rho, model)."""
+    from pipeline.job import connect_ray, run
+
+    connect_ray()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rho in correlations:
+        data = out_dir / "data" / f"rho{rho}"
+        if not data.exists():
+            generate(data, SyntheticConfig(rows={"train": train_rows, "valid": eval_rows, "test": eval_rows},
+                                           task_correlation=rho, seed=seed))
+        for model in models:
+            job = JobConfig(data=DataPaths(str(data), str(SPEC_PATH)), model=ModelConfig(name=model),
+                            train=TrainConfig(epochs=epochs, num_workers=workers, seed=seed),
+                            name=f"corr-{rho}-{model}", storage_path=str((out_dir / "ray_results").resolve()),
+                            output=str(out_dir / "runs" / f"rho{rho}-{model}"))
+            t0 = time.time()
+            m = run(job)
+            rows.append({"correlation": rho, "model": model, "seconds": round(time.time() - t0, 1),
+                         **{f"{t}_auc": m["test"][t]["auc"] for t in ("click", "convert")},
+                         **{f"{t}_oracle_auc": m["test"][t]["oracle_auc"] for t in ("click", "convert")},
+                         "cvr_auc": m["test"]["convert"]["cvr_auc"]})
+            print(json.dumps(rows[-1]))
+    _write_correlation_outputs(out_dir, rows)
+    return rows
+
+
+def _write_correlation_outputs(out_dir: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(out_dir / "correlation_study.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"Test AUC by task correlation ({environment()})", "",
+             "| correlation | model | click AUC | click oracle | convert (CTCVR) AUC | convert oracle | CVR AUC |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['correlation']} | {r['model']} | {r['click_auc']:.4f} | {r['click_oracle_auc']:.4f} | "
+              f"{r['convert_auc']:.4f} | {r['convert_oracle_auc']:.4f} | {r['cvr_auc']:.4f} |" for r in rows]
+    (out_dir / "correlation_study.md").write_text("\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, task in zip(axes, ("click", "convert")):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts = sorted((r["correlation"], r[f"{task}_auc"]) for r in rows if r["model"] == model)
+            ax.plot(*zip(*pts), marker="o", label=model)
+        pts = sorted({(r["correlation"], r[f"{task}_oracle_auc"]) for r in rows})
+        ax.plot(*zip(*pts), linestyle=":", color="k", label="oracle")
+        ax.set_title(f"{task}: test AUC vs task correlation")
+        ax.set_xlabel("task correlation (cosine of the tasks' weight vectors)")
+        ax.set_ylabel("AUC")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(out_dir / "correlation_study.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def quality_benchmark(data: str, spec: str, out_dir: Path, models, seeds, epochs: int, workers: int = 2,
+                      reference: dict | None = None, batch_size: int = 512, lr: float = 1e-3) -> list[dict]:
+    """Every model over several seeds; writes test AUC mean ± std per task beside reference figures."""
+    from pipeline.config import DatasetSpec
+    from pipeline.job import connect_ray, run
+
+    connect_ray()
+    tasks = DatasetSpec.load(spec).task_names
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for model in models:
+        for seed in seeds:
+            job = JobConfig(data=DataPaths(data, spec), model=ModelConfig(name=model),
+                            train=TrainConfig(epochs=epochs, num_workers=workers, seed=seed, batch_size=batch_size,
+                                              lr=lr, patience=3),
+                            name=f"quality-{model}-s{seed}", storage_path=str((out_dir / "ray_results").resolve()),
+                            output=str(out_dir / "runs" / f"{model}-s{seed}"))
+            m = run(job)
+            runs.append({"model": model, "seed": seed, **{t: m["test"][t]["auc"] for t in tasks},
+                         "best_epoch": m["best_epoch"]})
+            print(json.dumps(runs[-1]))
+    table = [f"Test AUC (%) mean ± std over seeds {list(seeds)}, {workers} Ray Train workers ({environment()})", "",
+             "| model | " + " | ".join(tasks) + " | reference |", "|---" * (len(tasks) + 2) + "|"]
+    for model in models:
+        cells = []
+        for t in tasks:
+            vals = [100 * r[t] for r in runs if r["model"] == model]
+            cells.append(f"{statistics.mean(vals):.2f} ± {statistics.pstdev(vals):.2f}")
+        ref = (reference or {}).get(model)
+        table.append(f"| {model} | " + " | ".join(cells) + f" | {' / '.join(map(str, ref)) if ref else ''} |")
+    (out_dir / "quality.md").write_text("\n".join(table) + "\n")
+    (out_dir / "quality_runs.json").write_text(json.dumps(runs, indent=2))
+    print("\n".join(table))
+    return runs
+
