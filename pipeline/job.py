@@ -89,8 +89,11 @@ def default_synthetic_data(rows: dict[str, int] | None = None, seed: int = 0) ->
 
 
 def _storage(job: JobConfig) -> str:
-    if job.storage_path:
-        return job.storage_path if "://" in job.storage_path else str(Path(job.storage_path).resolve())
+    """Where checkpoints go: the config's storage_path, else $MTREC_STORAGE_PATH (cluster.yaml sets an
+    s3:// one on every node), else <output>/ray_results on this machine."""
+    path = job.storage_path or os.environ.get("MTREC_STORAGE_PATH", "")
+    if path:
+        return path if "://" in path else str(Path(path).resolve())
     return str((Path(job.output) / "ray_results").resolve())
 
 
