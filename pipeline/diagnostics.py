@@ -69,9 +69,10 @@ def summarize(state: dict[str, np.ndarray], tasks: list[str]) -> dict[str, float
 
 def gate_matrix(metrics: dict[str, float], split: str, key: str, tasks: list[str]) -> np.ndarray:
     """The task x expert matrix of mean gate weights back out of flat metrics."""
-    prefix = f"{split}/gates/{key}/"
-    experts = sorted({int(k.rsplit("expert", 1)[1]) for k in metrics if k.startswith(prefix) and "/expert" in k})
-    return np.array([[metrics[f"{prefix}{t}/expert{e}"] for e in experts] for t in tasks])
+    base = f"{split}/gates/{key}/"
+    first = f"{base}{tasks[0]}/expert"
+    experts = sorted(int(k[len(first):]) for k in metrics if k.startswith(first))
+    return np.array([[metrics[f"{base}{t}/expert{e}"] for e in experts] for t in tasks])
 
 
 def gate_groups(metrics: dict[str, float], split: str) -> list[str]:

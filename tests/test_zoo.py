@@ -146,3 +146,17 @@ def test_models_record_gates_for_diagnostics(spec):
         assert set(model.last_gates) == keys
         for g in model.last_gates.values():
             assert g.shape[:2] == (128, 3)
+
+
+def test_gate_heatmap_and_learning_curves_are_written(tmp_path):
+    from pipeline.diagnostics import gate_matrix
+    from pipeline.plots import plot_gates, plot_learning_curves
+
+    stats = GateStats()
+    stats.update({"experts": torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]]]).repeat(4, 1, 1),
+                  "level0": torch.tensor([[[0.6, 0.4], [0.9, 0.1]]]).repeat(4, 1, 1)})
+    metrics = {f"valid/{k}": v for k, v in summarize(stats.state(), ["a", "b"]).items()}
+    np.testing.assert_allclose(gate_matrix(metrics, "valid", "experts", ["a", "b"]), [[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]], rtol=1e-6)
+    assert plot_gates(metrics, ["a", "b"], tmp_path / "gates.png").stat().st_size > 1000
+    history = [{"epoch": e, "valid/a/auc": 0.7 + e / 100, "valid/b/auc": 0.8, "valid/a/oracle_auc": 0.75} for e in range(3)]
+    assert plot_learning_curves(history, ["a", "b"], tmp_path / "curves.png").stat().st_size > 1000
