@@ -180,6 +180,7 @@ class ModelConfig:
     # loss over all exposures; "masked" = a plain head trained on the parent-positive rows only.
     dependent_loss: str = "esmm"
     aitm_constraint_weight: float = 0.6  # AITM's label-constraint loss weight (the paper's alpha)
+    embedding_dim: Optional[int] = None  # overrides every table's dim from the spec (a Tune knob)
 
 
 @dataclass
@@ -197,13 +198,20 @@ class TrainConfig:
     gradnorm_alpha: float = 1.5
     gradnorm_lr: float = 0.025
     patience: int = 1  # early stopping: epochs without validation improvement
-    early_stop_metric: str = "mean_auc"  # mean of the tasks' validation AUCs
+    # the validation objective for early stopping, model selection and Tune: mean_auc, min_auc, or
+    # weighted_auc (the tasks' AUCs weighted by objective_weights, default 1 each)
+    early_stop_metric: str = "mean_auc"
+    objective_weights: dict[str, float] = field(default_factory=dict)
     num_workers: int = 2
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     cpus_per_worker: Optional[float] = None  # None: sized from the cluster, leaving Data headroom
     shuffle_buffer: int = 20000  # local shuffle buffer per worker (rows)
     max_failures: int = 2
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.early_stop_metric not in ("mean_auc", "min_auc", "weighted_auc"):
+            raise ConfigError(f"train.early_stop_metric must be mean_auc, min_auc or weighted_auc, got {self.early_stop_metric!r}")
 
 
 @dataclass
@@ -282,6 +290,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+# dict-valued fields whose keys are task names: an override may add a key ("train.loss_weights.click")
+FREE_KEY_FIELDS = {"train.loss_weights", "train.loss_weight_decay", "train.objective_weights", "model.towers"}
+
+
 def merge_overrides(cfg: JobConfig, overrides: dict[str, Any]) -> JobConfig:
     """Apply dotted overrides such as {"train.epochs": 2} (None values are skipped)."""
     raw = cfg.to_dict()
@@ -292,7 +304,7 @@ def merge_overrides(cfg: JobConfig, overrides: dict[str, Any]) -> JobConfig:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
-        if leaf not in node:
+        if leaf not in node and ".".join(parents) not in FREE_KEY_FIELDS:
             raise ConfigError(f"unknown config key {key!r}")
         node[leaf] = value
     return from_dict(JobConfig, raw)

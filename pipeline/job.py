@@ -137,7 +137,7 @@ def check_resumable(job: JobConfig, storage: str) -> None:
                 f"pass another --name to start a new run (or delete {root}/{job.name})")
 
 
-def run(job: JobConfig) -> dict[str, Any]:
+def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Train and evaluate one model; returns the nested metrics also written to <output>/metrics.json."""
     connect_ray()
     spec = DatasetSpec.load(job.data.spec)
@@ -163,6 +163,7 @@ def run(job: JobConfig) -> dict[str, Any]:
             name=job.name, storage_path=storage,
             failure_config=FailureConfig(max_failures=job.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()

@@ -38,7 +38,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def split_metrics(pred: dict[str, np.ndarray], spec: DatasetSpec) -> dict[str, float]:
+def split_metrics(pred: dict[str, np.ndarray], spec: DatasetSpec,
+                  objective_weights: dict[str, float] | None = None) -> dict[str, float]:
     """Flat ``<task>/<metric>`` values for one split.
 
     For every task: ``auc`` and ``logloss`` of P(label | exposure) over all rows, and ``oracle_auc`` when
@@ -66,6 +67,8 @@ def split_metrics(pred: dict[str, np.ndarray], spec: DatasetSpec) -> dict[str, f
     aucs = [out[f"{t}/auc"] for t in names]
     out["mean_auc"] = float(np.mean(aucs))
     out["min_auc"] = float(np.min(aucs))
+    w = np.array([(objective_weights or {}).get(t, 1.0) for t in names])
+    out["weighted_auc"] = float(np.dot(w, aucs) / w.sum())
     return out
 
 

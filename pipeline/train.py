@@ -97,7 +97,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                    "train/loss": loss_sum[0].item() / max(n_rows, 1)}
         metrics |= {f"train/{t}/loss": loss_sum[j + 1].item() / max(n_rows, 1) for j, t in enumerate(spec.task_names)}
         metrics |= {f"train/{k}": v for k, v in weights_used.items()}
-        metrics |= _evaluate(module, "valid", spec, cfg.batch_size)  # rank 0 only; others get {}
+        metrics |= _evaluate(module, "valid", spec, cfg)  # rank 0 only; others get {}
 
         if rank == 0:
             score = metrics[f"valid/{cfg.early_stop_metric}"]
@@ -119,22 +119,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     best_model = _broadcast(best_model)
     module.load_state_dict(best_model)
     final = {"epoch": progress["epoch"] - 1, "best_epoch": progress["best_epoch"], "final": 1}
-    final |= _evaluate(module, "valid", spec, cfg.batch_size)
-    final |= _evaluate(module, "test", spec, cfg.batch_size)
+    final |= _evaluate(module, "valid", spec, cfg)
+    final |= _evaluate(module, "test", spec, cfg)
     _report(final, rank, {"model": last_model, "optimizer": optimizer.state_dict(), "best_model": best_model,
                           "weighting": weighting.state_dict(), "progress": progress}, loop_config, final=True)
 
 
-def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, batch_size: int) -> dict[str, float]:
+def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, cfg) -> dict[str, float]:
     shard = ray.train.get_dataset_shard(split)
     gates = GateStats()
-    local = predict_shard(module, shard.iter_torch_batches(batch_size=batch_size * 4,
+    local = predict_shard(module, shard.iter_torch_batches(batch_size=cfg.batch_size * 4,
                                                            device=ray.train.torch.get_device()), len(spec.tasks), gates)
     gathered = gather_to_rank0(local)
     gate_states = gather_to_rank0({"gates": gates.state()}, concat=False)
     if gathered is None:
         return {}
-    metrics = split_metrics(gathered, spec) | summarize(merge_states(gate_states["gates"]), spec.task_names)
+    metrics = split_metrics(gathered, spec, cfg.objective_weights) | summarize(merge_states(gate_states["gates"]), spec.task_names)
     return {f"{split}/{k}": v for k, v in metrics.items()}
 
 

@@ -1,7 +1,9 @@
 """The model zoo, by config name."""
 from __future__ import annotations
 
-from pipeline.config import DatasetSpec, ModelConfig
+import dataclasses
+
+from pipeline.config import DatasetSpec, ModelConfig, from_dict
 from pipeline.models.aitm import AITM
 from pipeline.models.base import MultiTaskModel
 from pipeline.models.bottom import SharedBottom, SingleTask
@@ -18,4 +20,9 @@ MODELS: dict[str, type[MultiTaskModel]] = {
 def build_model(spec: DatasetSpec, cfg: ModelConfig) -> MultiTaskModel:
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; known: {sorted(MODELS)}")
+    if cfg.embedding_dim is not None:  # one dim for every table: rebuild the spec's tables with it
+        raw = dataclasses.asdict(spec)
+        for f in raw["sparse"] + raw["sequences"]:
+            f["dim"] = cfg.embedding_dim
+        spec = from_dict(DatasetSpec, raw)
     return MODELS[cfg.name](spec, cfg)
