@@ -117,6 +117,10 @@ def tune_model(space: TuneSpace, job: JobConfig, name: str, storage_path: str, t
                                   param_space={**space.param_space(), "__base__": base}).fit()
     tasks = _tasks(job)
     if space.multi_objective:
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("multi_objective searches need Optuna: pip install -e '.[tune]'") from None
         from ray.tune.search.optuna import OptunaSearch
 
         tune_config = tune.TuneConfig(
