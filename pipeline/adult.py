@@ -17,6 +17,12 @@ COLUMNS = ["age", "workclass", "fnlwgt", "education", "education_num", "marital_
            "income"]
 CATEGORICAL = ["workclass", "education", "occupation", "relationship", "race", "sex", "native_country"]
 NUMERIC = ["age", "fnlwgt", "education_num", "capital_gain", "capital_loss", "hours_per_week"]
+BUCKETS = {
+    "age": [18, 25, 30, 35, 40, 45, 50, 55, 60, 65],
+    "hours_per_week": [20, 30, 40, 41, 50, 60],
+    "capital_gain": [1, 3000, 5000, 7000, 10000, 15000],
+    "capital_loss": [1, 1500, 1800, 2000, 2500],
+}
 
 
 def read_adult(path: Path) -> pd.DataFrame:
@@ -27,7 +33,12 @@ def read_adult(path: Path) -> pd.DataFrame:
         "income": df["income"].str.rstrip(".").eq(">50K").astype("int64"),
         "marital": df["marital_status"].eq("Never-married").astype("int64"),
     })
-    return pd.concat([df[CATEGORICAL], df[NUMERIC].astype("float64"), labels], axis=1)
+    # bucketised copies of the skewed numeric columns (as in the Wide & Deep census tutorial): the
+    # network gets their thresholds as ids instead of having to carve them out of one standardised value
+    buckets = pd.DataFrame({
+        f"{col}_bucket": np.searchsorted(np.asarray(edges), df[col].astype("float64"), side="right").astype("int64")
+        for col, edges in BUCKETS.items()})
+    return pd.concat([df[CATEGORICAL], buckets, df[NUMERIC].astype("float64"), labels], axis=1)
 
 
 def prepare_adult(out_dir: str | Path, seed: int = 0, source: Path = ADULT_DIR) -> Path:

@@ -102,20 +102,23 @@ def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) -> Preprocessor:
-    """Fit on the train split once per run name; a resumed run reuses the exact same encoding."""
+    """Fit on the train split once per (data, spec) in this storage: a resumed run reuses the exact same
+    encoding, and the runs of a study or a Tune search over one dataset share one fit."""
     fs, root = _fs(storage)
-    path = f"{root}/{job.name}/preprocessor.pt"
+    key = hashlib.sha1(json.dumps([job.data.path, dataclasses.asdict(spec)], sort_keys=True).encode()).hexdigest()[:16]
+    path = f"{root}/preprocessors/{key}.pt"
     if fs.get_file_info(path).type == pafs.FileType.File:
         with fs.open_input_stream(path) as f:
             saved = torch.load(io.BytesIO(f.read()), weights_only=True)
-        if saved["data_path"] == job.data.path:
-            return Preprocessor.from_state_dict(saved["state"], spec)
+        return Preprocessor.from_state_dict(saved["state"], spec)
     pre = Preprocessor.fit(read_split(job.data.path, "train", spec), spec)
-    fs.create_dir(f"{root}/{job.name}", recursive=True)
+    fs.create_dir(f"{root}/preprocessors", recursive=True)
     buf = io.BytesIO()
     torch.save({"data_path": job.data.path, "state": pre.state_dict()}, buf)
-    with fs.open_output_stream(path) as f:
+    tmp = f"{path}.tmp-{os.getpid()}"  # concurrent runs may fit the same data: publish atomically
+    with fs.open_output_stream(tmp) as f:
         f.write(buf.getvalue())
+    fs.move(tmp, path)
     return pre
 
 

@@ -29,7 +29,7 @@ def environment() -> str:
 def correlation_study(out_dir: Path, train_rows: int = 300_000, eval_rows: int = 50_000, epochs: int = 1,
                       workers: int = 1, models=STUDY_MODELS, correlations=CORRELATIONS, seed: int = 0) -> list[dict]:
     """Train every model on logs generated at each task correlation; returns one row per (rho, model)."""
-    from pipeline.job import connect_ray, run
+    from pipeline.job import connect_ray
 
     connect_ray()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,7 @@ def correlation_study(out_dir: Path, train_rows: int = 300_000, eval_rows: int =
                             name=f"corr-{rho}-{model}", storage_path=str((out_dir / "ray_results").resolve()),
                             output=str(out_dir / "runs" / f"rho{rho}-{model}"))
             t0 = time.time()
-            m = run(job)
+            m = _run_once(job)
             rows.append({"correlation": rho, "model": model, "seconds": round(time.time() - t0, 1),
                          **{f"{t}_auc": m["test"][t]["auc"] for t in ("click", "convert")},
                          **{f"{t}_oracle_auc": m["test"][t]["oracle_auc"] for t in ("click", "convert")},
@@ -53,6 +53,14 @@ def correlation_study(out_dir: Path, train_rows: int = 300_000, eval_rows: int =
             print(json.dumps(rows[-1]))
     _write_correlation_outputs(out_dir, rows)
     return rows
+
+
+def _run_once(job: JobConfig) -> dict:
+    """A study restarted after an interruption reuses the runs that already finished."""
+    from pipeline.job import run
+
+    done = Path(job.output) / "metrics.json"
+    return json.loads(done.read_text()) if done.exists() else run(job)
 
 
 def _write_correlation_outputs(out_dir: Path, rows: list[dict]) -> None:
@@ -91,7 +99,7 @@ def quality_benchmark(data: str, spec: str, out_dir: Path, models, seeds, epochs
                       reference: dict | None = None, batch_size: int = 512, lr: float = 1e-3) -> list[dict]:
     """Every model over several seeds; writes test AUC mean ± std per task beside reference figures."""
     from pipeline.config import DatasetSpec
-    from pipeline.job import connect_ray, run
+    from pipeline.job import connect_ray
 
     connect_ray()
     tasks = DatasetSpec.load(spec).task_names
@@ -104,21 +112,31 @@ def quality_benchmark(data: str, spec: str, out_dir: Path, models, seeds, epochs
                                               lr=lr, patience=3),
                             name=f"quality-{model}-s{seed}", storage_path=str((out_dir / "ray_results").resolve()),
                             output=str(out_dir / "runs" / f"{model}-s{seed}"))
-            m = run(job)
+            m = _run_once(job)
             runs.append({"model": model, "seed": seed, **{t: m["test"][t]["auc"] for t in tasks},
                          "best_epoch": m["best_epoch"]})
             print(json.dumps(runs[-1]))
-    table = [f"Test AUC (%) mean ± std over seeds {list(seeds)}, {workers} Ray Train workers ({environment()})", "",
-             "| model | " + " | ".join(tasks) + " | reference |", "|---" * (len(tasks) + 2) + "|"]
+            _write_quality_table(out_dir, runs, tasks, workers, reference)  # after every run: a partial table survives
+    return runs
+
+
+def _write_quality_table(out_dir: Path, runs: list[dict], tasks: list[str], workers: int, reference: dict | None) -> None:
+    saved = out_dir / "quality_runs.json"  # runs of earlier invocations (other models or seeds) stay
+    keep = [r for r in (json.loads(saved.read_text()) if saved.exists() else [])
+            if (r["model"], r["seed"]) not in {(n["model"], n["seed"]) for n in runs}]
+    runs = keep + runs
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    table = [f"Test AUC (%) mean ± std over seeds, {workers} Ray Train workers ({environment()})", "",
+             "| model | seeds | " + " | ".join(tasks) + " | reference |", "|---" * (len(tasks) + 3) + "|"]
     for model in models:
         cells = []
         for t in tasks:
             vals = [100 * r[t] for r in runs if r["model"] == model]
             cells.append(f"{statistics.mean(vals):.2f} ± {statistics.pstdev(vals):.2f}")
         ref = (reference or {}).get(model)
-        table.append(f"| {model} | " + " | ".join(cells) + f" | {' / '.join(map(str, ref)) if ref else ''} |")
+        model_seeds = [r["seed"] for r in runs if r["model"] == model]
+        table.append(f"| {model} | {model_seeds} | " + " | ".join(cells) + f" | {' / '.join(map(str, ref)) if ref else ''} |")
     (out_dir / "quality.md").write_text("\n".join(table) + "\n")
     (out_dir / "quality_runs.json").write_text(json.dumps(runs, indent=2))
     print("\n".join(table))
-    return runs
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
 import yaml
 from ray import tune
 
@@ -109,6 +110,7 @@ def tune_model(space: TuneSpace, job: JobConfig, name: str, storage_path: str, t
 
     base = job.to_dict()
     base["train"]["num_workers"] = trial_workers
+    concurrent = trials_at_once(trial_workers, bool(job.train.use_gpu))
     trainable = tune.with_resources(_trial, {"CPU": 0, "memory": 256 * 1024**2})  # the driver only waits
     path = f"{storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
@@ -125,10 +127,10 @@ def tune_model(space: TuneSpace, job: JobConfig, name: str, storage_path: str, t
 
         tune_config = tune.TuneConfig(
             search_alg=OptunaSearch(metric=[f"valid/{t}/auc" for t in tasks], mode=["max"] * len(tasks)),
-            num_samples=space.num_samples, max_concurrent_trials=1)
+            num_samples=space.num_samples, max_concurrent_trials=concurrent)
     else:
         tune_config = tune.TuneConfig(
-            metric=f"valid/{space.objective}", mode="max", num_samples=space.num_samples, max_concurrent_trials=1,
+            metric=f"valid/{space.objective}", mode="max", num_samples=space.num_samples, max_concurrent_trials=concurrent,
             # one report per epoch plus the final one: ASHA compares trials epoch by epoch
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=space.epochs + 1, grace_period=1))
     tuner = tune.Tuner(
@@ -136,6 +138,15 @@ def tune_model(space: TuneSpace, job: JobConfig, name: str, storage_path: str, t
         run_config=tune.RunConfig(name=name, storage_path=storage_path,
                                   failure_config=tune.FailureConfig(max_failures=max_failures)))
     return tuner.fit()
+
+
+def trials_at_once(trial_workers: int, use_gpu: bool) -> int:
+    """Concurrent trials the cluster holds: each trial's workers get a GPU or about one CPU, and on CPU one
+    CPU stays free for Ray Data (on 2 CPUs: one trial at a time)."""
+    res = ray.cluster_resources()
+    if use_gpu:
+        return max(1, int(res.get("GPU", 0) // trial_workers))
+    return max(1, int((res.get("CPU", 1) - 1) // trial_workers))
 
 
 def _tasks(job: JobConfig) -> list[str]:

@@ -80,6 +80,8 @@ def test_esmm_refuses_masked_loss(spec):
 def test_esmm_towers_have_their_own_sizes(spec):
     model = build_model(spec, ModelConfig(name="esmm", towers={"click": [32, 16], "cart": [8]}, tower_hidden=[4]))
     assert [model.towers[j].mlp.out_dim for j in range(3)] == [16, 8, 4]
+    default = build_model(spec, ModelConfig(name="esmm", expert_hidden=[64, 32], tower_hidden=[16]))
+    assert [len(t.mlp) for t in default.towers] == [6, 6, 6]  # bottom + tower depth by default
 
 
 def _strategy(name, **kw):

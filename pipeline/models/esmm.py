@@ -20,5 +20,10 @@ class ESMM(MultiTaskModel):
         self.towers = nn.ModuleList(Tower(self.front.out_dim, self.tower_hidden(t), cfg.dropout)
                                     for t in spec.task_names)
 
+    def tower_hidden(self, task: str) -> list[int]:
+        # each ESMM tower is a whole network on the embeddings: by default as deep as the other models'
+        # bottom + tower (expert_hidden + tower_hidden), unless model.towers sizes it
+        return self.cfg.towers.get(task, self.cfg.expert_hidden + self.cfg.tower_hidden)
+
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([tower(x) for tower in self.towers], dim=1)
