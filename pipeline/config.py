@@ -244,7 +244,7 @@ def load_yaml(path: str | Path, cls: type) -> Any:
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     try:
-        return from_dict(cls, raw, where=str(path))
+        return from_dict(cls, raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

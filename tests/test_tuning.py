@@ -33,7 +33,7 @@ def test_shipped_spaces_load(name):
     ({"train.lr": {"loguniform": [0, 1]}}, "bounds must be > 0"),
     ({"model.num_levels": {"choice": ["two"]}}, "'two' is not a valid value"),
     ({"train.nope": {"choice": [1]}}, "unknown config key"),
-    ({"train.lr": [0.1, 0.2]}, "expected one {distribution: arguments}"),
+    ({"train.lr": [0.1, 0.2]}, r"space.train.lr: expected a mapping"),
 ])
 def test_bad_spaces_are_refused_with_the_key(tmp_path, entry, message):
     f = tmp_path / "space.yaml"
