@@ -1,14 +1,22 @@
-"""Bring your own data: any CSV or Parquet impression log -> train/ valid/ test/ Parquet splits and a
-dataset spec YAML, with no code (``jobs/convert.py``).
+"""Bring your own data: CSV or Parquet impression logs -> ``train/ valid/ test/`` Parquet splits plus a
+dataset spec YAML, with no code (``jobs/convert.py``; see docs/bring-your-own-data.md).
 
-Features are typed from the train split: list columns become sequences, float columns dense features,
-integer / string / bool columns sparse ids (a vocabulary when the train split has at most
-``max_vocab`` distinct values, else hashing). Every rewrite of a value is counted and reported:
-strings are stripped, and empty or ``?`` strings become the category ``<missing>``. A NaN in a dense
-column is refused (naming the file, the column and the count) unless a fill value is given.
+- Splits: files per split; or fractions of the train files drawn at random (seeded) for the missing
+  splits; or the test files split 1:1 at random into valid and test.
+- Labels: a 0/1 column (``click``), or derived (``income=income:>50K``: 1 where the stripped column,
+  trailing '.' removed, is one of the ``|``-separated values). ``depends_on`` declares the funnel.
+- Features are typed from the train split: float -> dense (normalize: standard), integer / bool /
+  string -> sparse ids (a vocabulary of the train values, or hashing above ``max_vocab_size``), lists ->
+  sequences. Raw ids are written as they are: the pipeline's preprocessing encodes them.
+- Every rewrite of a value is counted per column in the report: strings are stripped; empty and ``?``
+  strings (and nulls) in id columns become the category ``<missing>``. NaN in a dense column is refused
+  with the file, the column and the count (the pipeline refuses NaN), unless a fill value is given.
+- The output is checked with ``pipeline.validate.validate_dataset``, so a bad conversion fails at once.
 """
 from __future__ import annotations
 
+import fnmatch
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,150 +27,260 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.config import DatasetSpec, from_dict
-from pipeline.validate import DataValidationError, validate_dataset
+from pipeline.validate import SPLITS, DataValidationError, validate_dataset
 
 MISSING = "<missing>"
+SOURCE = "__source_file__"  # each row's input file, for error messages; never written
+
+
+class ConvertError(ValueError):
+    """Options that do not fit the input (an unknown column, a split without data); says which and why."""
 
 
 @dataclass
 class ConvertConfig:
-    labels: list[str]  # "click" (a 0/1 column) or "income=income:>50K" (1 where the column is a value)
+    labels: list[str]  # "click" (a 0/1 column) or "NAME=COLUMN:VALUE1|VALUE2"
     depends_on: dict[str, str] = field(default_factory=dict)  # child task -> parent task
-    drop: list[str] = field(default_factory=list)
-    sparse: list[str] = field(default_factory=list)  # force these columns to sparse ids
-    dense: list[str] = field(default_factory=list)  # force these columns to dense
+    drop: list[str] = field(default_factory=list)  # columns (fnmatch patterns) that are not features
+    sparse: list[str] = field(default_factory=list)  # patterns forced to sparse ids
+    dense: list[str] = field(default_factory=list)  # patterns forced to dense
+    normalize: dict[str, str] = field(default_factory=dict)  # dense pattern -> standard | log_standard | none
+    bucketize: dict[str, list[float]] = field(default_factory=dict)  # dense column -> edges: adds sparse <column>_bucket
     dim: int = 8
-    max_vocab: int = 1_000_000
+    max_vocab_size: int = 1_000_001  # more distinct train values than this: hash_buckets of this size
+    seq_max_len: int = 20
     split_fractions: dict[str, float] = field(default_factory=dict)  # e.g. {"valid": 0.1, "test": 0.1}
-    split_test_into_valid: bool = False  # the test files split 1:1 into valid and test
+    split_test_into_valid: bool = False
     fill_dense_nan: float | None = None
     seed: int = 0
-    csv_header: bool = True
-    csv_columns: list[str] = field(default_factory=list)
-    csv_sep: str = ","
+    header: bool = True  # CSV: the first line is a header
+    columns: list[str] = field(default_factory=list)  # CSV column names (required without a header)
+    sep: str = ","
+    comment: str | None = None  # CSV: ignore the rest of a line after this character
+    name: str | None = None  # spec name; default: the output directory's name
+    description: str | None = None  # the spec's header comment; default: the inputs
 
 
-def read_files(files: list[str], cfg: ConvertConfig) -> pd.DataFrame:
-    frames = []
-    for f in files:
-        if str(f).endswith(".parquet"):
-            df = pd.read_parquet(f)
-        else:
-            header = 0 if cfg.csv_header else None
-            df = pd.read_csv(f, sep=cfg.csv_sep, header=header, names=cfg.csv_columns or None,
-                             skipinitialspace=True, keep_default_na=False, na_values=[""])
-        frames.append(df.assign(__file__=str(f)))
-    return pd.concat(frames, ignore_index=True)
-
-
-def convert(inputs: dict[str, list[str]], out_dir: str | Path, cfg: ConvertConfig) -> tuple[DatasetSpec, dict]:
-    """Convert, write and validate; returns the spec and a report (rows, rates, features, rewrites)."""
+def convert(inputs: dict[str, list[str | Path]], out_dir: str | Path, cfg: ConvertConfig) -> tuple[DatasetSpec, dict]:
+    """Read ``inputs`` (split -> files), write ``out_dir/{train,valid,test}/part-00000.parquet`` and
+    ``out_dir/spec.yaml``, validate them; returns the spec and a report (rows, positive rates, features
+    by kind, value rewrites per column)."""
     out_dir = Path(out_dir)
-    splits = {name: read_files(files, cfg) for name, files in inputs.items() if files}
-    splits = _make_splits(splits, cfg)
-    tasks = _derive_labels(splits, cfg)
-    report: dict = {"rewrites": {}}
-    features = [c for c in splits["train"].columns if c not in set(cfg.drop) | set(tasks) | {"__file__"}
-                and c not in {lbl.split("=", 1)[1].split(":")[0] for lbl in cfg.labels if "=" in lbl}]
-    kinds = {c: _kind(splits["train"][c], c, cfg) for c in features}
-    for name, df in splits.items():
-        for c in features:
-            if kinds[c] == "sparse" and (df[c].dtype == object or pd.api.types.is_string_dtype(df[c])):
-                s = df[c].astype(str).str.strip()
-                missing = s.isin(["", "?", "nan", "None"])
-                if missing.any():
-                    report["rewrites"][f"{name}:{c}"] = int(missing.sum())
-                df[c] = s.mask(missing, MISSING)
-            elif kinds[c] == "dense":
-                v = pd.to_numeric(df[c], errors="coerce").astype("float64")
-                nan = v.isna()
-                if nan.any():
-                    if cfg.fill_dense_nan is None:
-                        first = df.loc[nan, "__file__"].iloc[0]
-                        raise DataValidationError(
-                            f"{first}: column {c!r}: {int(nan.sum())} of {len(df)} rows in split {name!r} are NaN or "
-                            f"not numbers (the pipeline refuses NaN; pass --fill-dense-nan VALUE to fill them)")
-                    report["rewrites"][f"{name}:{c}:nan_filled"] = int(nan.sum())
-                    v = v.fillna(cfg.fill_dense_nan)
-                df[c] = v
-    spec_raw = {"name": out_dir.name, "sparse": [], "sequences": [], "dense": [], "tasks": []}
-    for c in features:
-        if kinds[c] == "dense":
-            spec_raw["dense"].append({"name": c})
-        else:
-            distinct = _distinct(splits["train"][c], kinds[c])
-            size = {"vocab_size": distinct + 1} if distinct < cfg.max_vocab else {"hash_buckets": cfg.max_vocab}
-            entry = {"name": c, **size, "dim": cfg.dim}
-            (spec_raw["sequences"] if kinds[c] == "sequence" else spec_raw["sparse"]).append(
-                entry | ({"max_len": 20, "pooling": "mean"} if kinds[c] == "sequence" else {}))
-    spec_raw["tasks"] = [{"name": t, **({"depends_on": cfg.depends_on[t]} if t in cfg.depends_on else {})}
-                         for t in tasks]
-    unknown = set(cfg.depends_on) - set(tasks) | set(cfg.depends_on.values()) - set(tasks)
-    if unknown:
-        raise ValueError(f"--depends-on names {sorted(unknown)}, which are not labels ({tasks})")
+    frames = {s: read_files(files, cfg) for s, files in inputs.items() if files}
+    if "train" not in frames:
+        raise ConvertError("no train files")
+    tasks, sources = _derive_labels(frames, cfg)
+    columns = [c for c in frames["train"].columns if c != SOURCE]
+    drop = set(_match(cfg.drop, columns, "--drop"))
+    features = [c for c in columns if c not in drop | set(tasks) | sources]
+    for split, df in frames.items():
+        if absent := [c for c in features if c not in df]:
+            raise ConvertError(f"{split} file(s) {_files(df)} lack the train columns {absent}")
+    dense, sparse = set(_match(cfg.dense, features, "--dense")), set(_match(cfg.sparse, features, "--sparse"))
+    kinds = {c: _kind(frames["train"][c], c, dense, sparse) for c in features}
+    rewrites: dict[str, Counter] = {}
+    _clean(frames, kinds, cfg, rewrites)
+    for col, edges in cfg.bucketize.items():
+        if kinds.get(col) != "dense":
+            raise ConvertError(f"--bucketize {col!r}: not a dense feature (dense: {[c for c in features if kinds[c] == 'dense']})")
+        for df in frames.values():  # bucket i holds edges[i-1] <= value < edges[i]
+            df[f"{col}_bucket"] = np.searchsorted(np.asarray(edges, dtype="float64"), df[col], side="right").astype("int64")
+        features.append(f"{col}_bucket")
+        kinds[f"{col}_bucket"] = "sparse"
+    splits = _split(frames, cfg)
+    spec_raw = _spec_dict(splits["train"], features, kinds, tasks, cfg, out_dir)
     spec = from_dict(DatasetSpec, spec_raw)
-    for name, df in splits.items():
-        (out_dir / name).mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pandas(df[features + tasks].reset_index(drop=True), preserve_index=False)
-        pq.write_table(table, out_dir / name / "part-00000.parquet")
-    header = (f"# Made by pipeline.convert from {', '.join(f'{k}: {v}' for k, v in inputs.items() if v)}\n"
-              "# Edit dims, vocabulary sizes or normalisation as needed.\n")
-    (out_dir / "spec.yaml").write_text(header + yaml.safe_dump(spec_raw, sort_keys=False))
-    report |= {"rows": {n: len(df) for n, df in splits.items()},
-               "positive_rate": {t: float(splits["train"][t].mean()) for t in tasks},
-               "features": {k: [c for c in features if kinds[c] == k] for k in ("sparse", "sequence", "dense")}}
+    _write(splits, features + tasks, inputs, out_dir)
+    description = cfg.description or "made by pipeline.convert from " + "; ".join(
+        f"{s}: {', '.join(map(str, fs))}" for s, fs in inputs.items() if fs)
+    (out_dir / "spec.yaml").write_text(
+        f"# {description}\n# Edit dims, vocabulary sizes, normalisation or shared tables as needed.\n"
+        + yaml.safe_dump(spec_raw, sort_keys=False, default_flow_style=None, width=120))
     validate_dataset(str(out_dir), spec)  # a conversion that breaks the spec's rules fails here, at once
+    report = {
+        "rows": {s: len(df) for s, df in splits.items()},
+        "positive_rate": {s: {t: round(float(df[t].mean()), 4) for t in tasks} for s, df in splits.items()},
+        "features": {k: [c for c in features if kinds[c] == k] for k in ("sparse", "sequence", "dense")},
+        "rewrites": {c: dict(+n) for c, n in rewrites.items()},
+    }
     return spec, report
 
 
-def _make_splits(splits: dict[str, pd.DataFrame], cfg: ConvertConfig) -> dict[str, pd.DataFrame]:
-    rng = np.random.default_rng(cfg.seed)
-    if cfg.split_test_into_valid:
-        test = splits.pop("test")
-        order = rng.permutation(len(test))
-        splits["valid"], splits["test"] = test.iloc[order[: len(test) // 2]], test.iloc[order[len(test) // 2:]]
-    missing = [s for s in ("valid", "test") if s not in splits]
-    if missing:
-        if set(missing) - set(cfg.split_fractions):
-            raise ValueError(f"no files for split(s) {missing}: give them or --split {missing[0]}=FRACTION")
-        train = splits["train"]
-        order = rng.permutation(len(train))
-        start = 0
-        for s in missing:
-            n = int(round(cfg.split_fractions[s] * len(train)))
-            splits[s] = train.iloc[order[start:start + n]]
-            start += n
-        splits["train"] = train.iloc[order[start:]]
-    return {s: splits[s].copy() for s in ("train", "valid", "test")}
+def read_files(files: list[str | Path], cfg: ConvertConfig) -> pd.DataFrame:
+    """One split's files as one frame (Parquet files or directories, else CSV, gzip allowed)."""
+    frames = [_read(Path(f), cfg).assign(**{SOURCE: str(f)}) for f in files]
+    df = pd.concat(frames, ignore_index=True)
+    df.columns = df.columns.astype(str)
+    return df
 
 
-def _derive_labels(splits: dict[str, pd.DataFrame], cfg: ConvertConfig) -> list[str]:
-    tasks = []
+def format_report(report: dict) -> str:
+    lines = [f"rows: {report['rows']}", "positive rate:"]
+    lines += [f"  {s}: {rates}" for s, rates in report["positive_rate"].items()]
+    lines += [f"{k} features ({len(cols)}): {', '.join(cols)}" for k, cols in report["features"].items() if cols]
+    lines += [f"rewritten values in {c!r}: {counts}" for c, counts in report["rewrites"].items()]
+    return "\n".join(lines)
+
+
+def _read(path: Path, cfg: ConvertConfig) -> pd.DataFrame:
+    if path.is_dir() or path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if not cfg.header and not cfg.columns:
+        raise ConvertError(f"{path}: a CSV without a header needs its column names (--columns a,b,c)")
+    kw = dict(sep=cfg.sep, skipinitialspace=True, comment=cfg.comment)
+    header = 0 if cfg.header else None
+    if header is None:
+        first = pd.read_csv(path, header=None, nrows=1, dtype=str, **kw).iloc[0]
+        if first.str.strip().tolist() == cfg.columns:
+            header = 0  # one file of a headerless set has the header anyway (PaddleRec's train.csv): skip it
+    # "" is the only null marker: "NA", "null" or "None" can be real category values
+    return pd.read_csv(path, header=header, names=cfg.columns or None, keep_default_na=False, na_values=[""], **kw)
+
+
+def _files(df: pd.DataFrame) -> list[str]:
+    return df[SOURCE].unique().tolist()
+
+
+def _match(patterns: list[str], columns: list[str], option: str) -> list[str]:
+    out = []
+    for p in patterns:
+        hits = [c for c in columns if fnmatch.fnmatchcase(c, p)]
+        if not hits:
+            raise ConvertError(f"{option} {p!r} matches no column (columns: {columns})")
+        out += hits
+    return out
+
+
+def _derive_labels(frames: dict[str, pd.DataFrame], cfg: ConvertConfig) -> tuple[list[str], set[str]]:
+    """Adds or casts the label columns; returns the task names and the raw columns labels came from."""
+    tasks, sources = [], set()
     for label in cfg.labels:
         name, _, rule = label.partition("=")
-        for split, df in splits.items():
+        column, colon, values = rule.partition(":")
+        if rule and not (colon and column and values):
+            raise ConvertError(f"--label {label!r}: expected NAME or NAME=COLUMN:VALUE1|VALUE2")
+        for split, df in frames.items():
+            if (column or name) not in df:
+                raise ConvertError(f"label {name!r}: column {column or name!r} not in the {split} file(s) "
+                                   f"{_files(df)} (columns: {[c for c in df.columns if c != SOURCE]})")
             if rule:
-                column, _, values = rule.partition(":")
-                if column not in df:
-                    raise ValueError(f"label {name!r}: column {column!r} not in split {split!r} ({list(df.columns)[:20]})")
-                raw = df[column].astype(str).str.strip().str.rstrip(".")
-                df[name] = raw.isin(values.split("|")).astype("int64")
-            elif name not in df:
-                raise ValueError(f"label column {name!r} not in split {split!r} ({list(df.columns)[:20]})")
+                text = df[column].astype("string").str.strip().str.removesuffix(".")
+                df[name] = text.isin(values.split("|")).astype("int64")
+            elif pd.api.types.is_bool_dtype(df[name]) or pd.api.types.is_integer_dtype(df[name]):
+                df[name] = df[name].astype("int64")
         tasks.append(name)
-    return tasks
+        sources |= {column} if rule else set()
+    for child, parent in cfg.depends_on.items():
+        if {child, parent} - set(tasks):
+            raise ConvertError(f"--depends-on {child}:{parent}: {sorted({child, parent} - set(tasks))} not among the labels {tasks}")
+    return tasks, sources
 
 
-def _kind(col: pd.Series, name: str, cfg: ConvertConfig) -> str:
-    if name in cfg.dense:
+def _kind(col: pd.Series, name: str, dense: set[str], sparse: set[str]) -> str:
+    if name in dense:
         return "dense"
-    if name in cfg.sparse:
+    if name in sparse:
         return "sparse"
-    sample = col.dropna()
-    if len(sample) and isinstance(sample.iloc[0], (list, np.ndarray)):
+    values = col.dropna()
+    if len(values) and isinstance(values.iloc[0], (list, np.ndarray)):
         return "sequence"
-    return "dense" if pd.api.types.is_float_dtype(col) else "sparse"
+    if pd.api.types.is_float_dtype(col):
+        return "dense"
+    if pd.api.types.is_integer_dtype(col) or pd.api.types.is_bool_dtype(col) or pd.api.types.is_string_dtype(col):
+        return "sparse"
+    raise ConvertError(f"column {name!r} has type {col.dtype}: --drop it, or convert it to numbers or strings first")
 
 
-def _distinct(col: pd.Series, kind: str) -> int:
-    return int(col.explode().nunique()) if kind == "sequence" else int(col.nunique())
+def _clean(frames: dict[str, pd.DataFrame], kinds: dict[str, str], cfg: ConvertConfig, rewrites: dict[str, Counter]) -> None:
+    """Dense -> float64 without NaN; sparse -> int64 ids, or strings in every split when any split has text."""
+    problems = []
+    for col, kind in kinds.items():
+        count = rewrites.setdefault(col, Counter())
+        ints = all(pd.api.types.is_integer_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col]) for df in frames.values())
+        for df in frames.values():
+            if kind == "dense":
+                v = pd.to_numeric(df[col], errors="coerce").astype("float64")
+                bad = ~np.isfinite(v)
+                if bad.any() and cfg.fill_dense_nan is None:
+                    total = df[SOURCE].value_counts()
+                    problems += [f"{f}: column {col!r}: {n} of {total[f]} rows are NaN, infinite or not a number"
+                                 for f, n in df.loc[bad, SOURCE].value_counts(sort=False).items()]
+                count["nan_filled"] += int(bad.sum())
+                df[col] = v.mask(bad, cfg.fill_dense_nan)
+            elif kind == "sparse" and ints:
+                df[col] = df[col].astype("int64")
+            elif kind == "sparse":
+                df[col] = _ids_as_text(df[col], count)
+        if not +count:  # + drops zero counts
+            del rewrites[col]
+    if problems:
+        raise DataValidationError("; ".join(problems) + " (the pipeline refuses NaN: fix the data, or pass "
+                                  "--fill-dense-nan VALUE; or --sparse COLUMN if it is an id column)")
+
+
+def _ids_as_text(col: pd.Series, count: Counter) -> pd.Series:
+    if pd.api.types.is_float_dtype(col) and (col.dropna() % 1 == 0).all():
+        col = col.astype("Int64")  # integer ids that a blank made float: "7", as in a split without blanks
+    text = col.astype("string")
+    stripped = text.str.strip()
+    missing = stripped.isna() | stripped.isin(["", "?"])
+    count["stripped"] += int(((stripped != text) & ~missing).sum())
+    count[MISSING] += int(missing.sum())
+    return stripped.mask(missing, MISSING).astype(str)
+
+
+def _split(frames: dict[str, pd.DataFrame], cfg: ConvertConfig) -> dict[str, pd.DataFrame]:
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.split_test_into_valid:
+        if "test" not in frames or "valid" in frames:
+            raise ConvertError("--split-test-into-valid needs test files and no valid files")
+        test = frames.pop("test")
+        order = rng.permutation(len(test))
+        frames["valid"], frames["test"] = test.iloc[order[: len(test) // 2]], test.iloc[order[len(test) // 2:]]
+    drawn = [s for s in SPLITS[1:] if s not in frames]
+    if set(cfg.split_fractions) - set(drawn):
+        raise ConvertError(f"split fractions {cfg.split_fractions}: only splits without files can be drawn from train ({drawn})")
+    if set(drawn) - set(cfg.split_fractions):
+        raise ConvertError(f"no data for split(s) {drawn}: give their files, a fraction of train "
+                           "(--split valid=0.1), or --split-test-into-valid")
+    if drawn:
+        fractions = [cfg.split_fractions[s] for s in drawn]
+        if min(fractions) <= 0 or sum(fractions) >= 1:
+            raise ConvertError(f"split fractions {cfg.split_fractions} must be > 0 and sum to < 1")
+        train = frames["train"]
+        order = rng.permutation(len(train))
+        *parts, rest = np.split(order, np.cumsum(np.round(np.array(fractions) * len(train)).astype(int)))
+        frames |= {s: train.iloc[p] for s, p in zip(drawn, parts)} | {"train": train.iloc[rest]}
+    return {s: frames[s].reset_index(drop=True) for s in SPLITS}
+
+
+def _spec_dict(train: pd.DataFrame, features: list[str], kinds: dict[str, str], tasks: list[str],
+               cfg: ConvertConfig, out_dir: Path) -> dict:
+    dense_cols = [c for c in features if kinds[c] == "dense"]
+    normalize = {c: m for p, m in cfg.normalize.items() for c in _match([p], dense_cols, "--normalize")}
+    spec: dict = {"name": cfg.name or out_dir.name, "sparse": [], "sequences": [], "dense": []}
+    for c in features:
+        if kinds[c] == "dense":
+            spec["dense"].append({"name": c, "normalize": normalize.get(c, "standard")})
+            continue
+        values = train[c].explode() if kinds[c] == "sequence" else train[c]
+        rows = int(values.nunique()) + 1  # + row 0: out of vocabulary (and sequence padding)
+        entry = {"name": c, **({"vocab_size": rows} if rows <= cfg.max_vocab_size else {"hash_buckets": cfg.max_vocab_size}),
+                 "dim": cfg.dim}
+        if kinds[c] == "sequence":
+            spec["sequences"].append(entry | {"max_len": cfg.seq_max_len, "pooling": "mean"})
+        else:
+            spec["sparse"].append(entry)
+    spec["tasks"] = [{"name": t} | ({"depends_on": cfg.depends_on[t]} if t in cfg.depends_on else {}) for t in tasks]
+    return {k: v for k, v in spec.items() if v != []}
+
+
+def _write(splits: dict[str, pd.DataFrame], columns: list[str], inputs: dict[str, list], out_dir: Path) -> None:
+    sources = {Path(f).resolve() for files in inputs.values() for f in files}
+    for split, df in splits.items():
+        target = out_dir / split / "part-00000.parquet"
+        others = [p for p in target.parent.glob("*.parquet") if p.name != target.name]
+        if others or target.resolve() in sources:
+            raise ConvertError(f"{target.parent} holds input or other Parquet files ({others or target}): choose a new output directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pandas(df[columns], preserve_index=False), target)

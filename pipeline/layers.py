@@ -93,11 +93,16 @@ class EmbeddingFront(nn.Module):
 
 
 class MLP(nn.Sequential):
-    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0) -> None:
+    """Linear + ReLU (+ Dropout) per hidden size; with ``out_dim``, a final plain Linear (no activation)."""
+
+    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0, out_dim: int | None = None) -> None:
         layers: list[nn.Module] = []
         for h in hidden:
             layers += [nn.Linear(in_dim, h), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
             in_dim = h
+        if out_dim is not None:
+            layers.append(nn.Linear(in_dim, out_dim))
+            in_dim = out_dim
         super().__init__(*layers)
         self.out_dim = in_dim
 
@@ -128,21 +133,24 @@ class Experts(nn.Module):
 
 
 class Gate(nn.Module):
-    """``num_gates`` softmax gates over ``num_experts`` experts: [B, in] or [B, G, in] -> [B, G, E]."""
+    """Softmax gates over ``num_experts`` experts: one gate [B, in] -> [B, E]; or ``num_gates`` gates
+    computed together, [B, in] (one input for all) or [B, G, in] (each gate its own) -> [B, G, E]."""
 
-    def __init__(self, in_dim: int, num_experts: int, num_gates: int = 1) -> None:
+    def __init__(self, in_dim: int, num_experts: int, num_gates: int | None = None) -> None:
         super().__init__()
+        self.single = num_gates is None
         bound = 1 / math.sqrt(in_dim)
         # laid out [in, G, E] so that a shared input is one plain matmul with contiguous gradients
-        self.weight = nn.Parameter(torch.empty(in_dim, num_gates, num_experts).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.zeros(num_gates, num_experts))
+        self.weight = nn.Parameter(torch.empty(in_dim, num_gates or 1, num_experts).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(num_gates or 1, num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             logits = (x @ self.weight.flatten(1)).view(x.shape[0], *self.bias.shape)
         else:
             logits = torch.einsum("bgi,ige->bge", x, self.weight)
-        return (logits + self.bias).softmax(dim=-1)
+        gates = (logits + self.bias).softmax(dim=-1)
+        return gates.squeeze(1) if self.single else gates
 
 
 class Tower(nn.Module):

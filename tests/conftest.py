@@ -34,7 +34,9 @@ def ray_local():
 
     here = Path(__file__).resolve().parent
     # workers unpickle train loops defined in test modules, so they need tests/ on their path
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+    # the dashboard also serves the State API: Train V2's placement-group cleaner polls it, and without it
+    # a Tune trial's trainer was seen to wait forever for the CPU of the previous trial's workers
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {"PYTHONPATH": f"{here}:{here.parent}"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -1,101 +1,139 @@
-"""Bring your own data: CSV/Parquet logs -> Parquet splits + spec, on the public Ali-CCP and AliExpress
-samples and UCI Adult; bad input refused with the file, column and count."""
+"""Bring your own data: CSV/Parquet logs -> Parquet splits + spec, on UCI Adult and the public Ali-CCP,
+AliExpress and PaddleRec samples; bad input refused with the file, column and count. No Ray."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.adult import SPEC_PATH as ADULT_SPEC, prepare_adult
 from pipeline.config import DatasetSpec
-from pipeline.convert import ConvertConfig, convert
+from pipeline.convert import MISSING, ConvertConfig, ConvertError, convert
+from pipeline.adult import SPEC_PATH as ADULT_SPEC, prepare_adult
 from pipeline.validate import DataValidationError, validate_dataset
 
-DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+ALI_CCP_SPARSE = ("101,121,122,124,125,126,127,128,129,205,206,207,210,216,508,509,702,853,301,"
+                  "109_14,110_14,127_14,150_14").split(",")
 
 
-def test_adult_protocol(tmp_path):
-    out = prepare_adult(tmp_path / "adult", seed=0)
-    spec = DatasetSpec.load(ADULT_SPEC)
+def cli(*argv: str) -> dict:
+    """jobs/convert.py's main, in process (a script, not a package module)."""
+    spec = importlib.util.spec_from_file_location("convert_job", ROOT / "jobs" / "convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def adult(tmp_path_factory) -> tuple[Path, dict]:
+    return prepare_adult(tmp_path_factory.mktemp("adult") / "adult", seed=0)
+
+
+def test_adult_protocol(adult):
+    out, report = adult
+    spec = DatasetSpec.load(out / "spec.yaml")
+    assert spec == DatasetSpec.load(ADULT_SPEC)  # the committed spec is what the code generates
     rows = validate_dataset(str(out), spec)
+    assert rows == report["rows"]
     assert rows["train"] == 32_561 and rows["valid"] + rows["test"] == 16_281 and abs(rows["valid"] - rows["test"]) <= 1
+    assert report["positive_rate"]["train"]["income"] == pytest.approx(7_841 / 32_561, abs=1e-4)
+    assert 0.3 < report["positive_rate"]["train"]["marital"] < 0.36
+    assert {"marital_status", "income"}.isdisjoint(spec.feature_columns)
+    assert spec.task_names == ["income", "marital"] and all(f.dim == 8 for f in spec.sparse)
+    assert set(report["rewrites"]) == {"workclass", "occupation", "native_country"}  # the '?' values
     train = pd.read_parquet(out / "train")
-    assert train["income"].mean() == pytest.approx(7_841 / 32_561)
-    assert 0.3 < train["marital"].mean() < 0.36
-    assert "marital_status" not in train and "income" not in spec.feature_columns
-    # every category of the spec's features fits its vocabulary (no silent out-of-vocabulary in train)
-    for f in spec.sparse:
-        assert train[f.name].nunique() <= f.vocab_size - 1, f.name
-    again = prepare_adult(tmp_path / "again", seed=0)
-    assert pd.read_parquet(again / "test").equals(pd.read_parquet(out / "test"))  # the split is seeded
+    assert "marital_status" not in train and (train["workclass"] == MISSING).sum() == 1_836
+    assert train["income"].dtype == np.int64
 
 
 def test_ali_ccp_sample(tmp_path):
     d = DATA / "ali-ccp"
-    spec, report = convert({"train": [str(d / "ali_ccp_train_sample.csv")], "valid": [str(d / "ali_ccp_val_sample.csv")],
-                            "test": [str(d / "ali_ccp_test_sample.csv")]}, tmp_path / "ali",
-                           ConvertConfig(labels=["click", "purchase"], depends_on={"purchase": "click"}))
+    report = cli("--train", d / "ali_ccp_train_sample.csv", "--valid", d / "ali_ccp_val_sample.csv",
+                 "--test", d / "ali_ccp_test_sample.csv", "--label", "click", "--label", "purchase",
+                 "--depends-on", "purchase:click", "--out", tmp_path / "ali")
+    spec = DatasetSpec.load(tmp_path / "ali" / "spec.yaml")
     assert report["rows"] == {"train": 100, "valid": 50, "test": 50}
-    assert len(spec.sparse) == 23 and len(spec.dense) == 8
-    assert all(f.name.startswith("D") for f in spec.dense)
-    assert spec.task("purchase").depends_on == "click"
-    assert DatasetSpec.load(tmp_path / "ali" / "spec.yaml").task_names == ["click", "purchase"]
+    assert [f.name for f in spec.sparse] == ALI_CCP_SPARSE
+    assert len(spec.dense) == 8 and all(f.name.startswith("D") for f in spec.dense)
+    assert spec.task("purchase").depends_on == "click" and spec.task("click").depends_on is None
+    assert report["positive_rate"]["train"] == {"click": 0.07, "purchase": 0.01}
+    validate_dataset(str(tmp_path / "ali"), spec)
 
 
-def test_aliexpress_sample_split_at_random(tmp_path):
+def test_aliexpress_sample_train_split_at_random(tmp_path):
     d = DATA / "aliexpress"
-    spec, report = convert({"train": [str(d / "aliexpress_train_sample.csv")], "test": [str(d / "aliexpress_test_sample.csv")]},
-                           tmp_path / "ae", ConvertConfig(labels=["click", "conversion"], depends_on={"conversion": "click"},
-                                                          drop=["search_id"], split_fractions={"valid": 0.2},
-                                                          # some numerical_* columns hold only integers in the sample
-                                                          dense=[f"numerical_{i}" for i in range(1, 64)]))
+    cfg = ConvertConfig(labels=["click", "conversion"], depends_on={"conversion": "click"}, drop=["search_id"],
+                        dense=["numerical_*"],  # numerical_58..60 hold only integers in the sample
+                        split_fractions={"valid": 0.2}, seed=1)
+    inputs = {"train": [d / "aliexpress_train_sample.csv"], "test": [d / "aliexpress_test_sample.csv"]}
+    spec, report = convert(inputs, tmp_path / "ae", cfg)
     assert report["rows"] == {"train": 80, "valid": 20, "test": 20}
-    assert len(spec.sparse) == 16 and len(spec.dense) == 63
+    assert len(spec.sparse) == 16 and len(spec.dense) == 63 and spec.task_names == ["click", "conversion"]
+    train, valid = pd.read_parquet(tmp_path / "ae" / "train"), pd.read_parquet(tmp_path / "ae" / "valid")
+    full = pd.read_csv(d / "aliexpress_train_sample.csv")
+    # a random (not head/tail) partition of the train file
+    together = pd.concat([train, valid]).sort_values(list(train.columns), ignore_index=True)
+    assert together.equals(full[train.columns].astype(together.dtypes).sort_values(list(train.columns), ignore_index=True))
+    assert not valid["numerical_1"].equals(full["numerical_1"].tail(20).reset_index(drop=True))
 
 
 def test_paddlerec_sample_breaks_the_funnel_and_is_refused(tmp_path):
     d = DATA / "paddlerec-aitm-ali-ccp"
-    columns = (d / "train.csv").read_text().splitlines()[0].split(",")
-    train = tmp_path / "train.csv"
-    (tmp_path / "train.csv").write_text((d / "train.csv").read_text())
-    test_with_header = tmp_path / "test.csv"
-    test_with_header.write_text(",".join(columns) + "\n" + (d / "test.csv").read_text())
-    with pytest.raises(DataValidationError, match=r"train/part-00000.parquet: column 'purchase': 2 of \d+ rows have purchase=1 but click=0"):
-        convert({"train": [str(train)], "test": [str(test_with_header)]}, tmp_path / "out",
-                ConvertConfig(labels=["click", "purchase"], depends_on={"purchase": "click"}, split_fractions={"valid": 0.1}))
+    columns = (d / "train.csv").read_text().splitlines()[0]  # test.csv has no header; train.csv's is skipped
+    with pytest.raises(DataValidationError,
+                       match=r"train/part-00000\.parquet: column 'purchase': 2 of 48 rows have purchase=1 but click=0"):
+        cli("--train", d / "train.csv", "--test", d / "test.csv", "--split-test-into-valid", "--no-header",
+            "--columns", columns, "--label", "click", "--label", "purchase", "--depends-on", "purchase:click",
+            "--out", tmp_path / "paddle")
+
+
+def test_typing_rewrites_and_hashing(tmp_path):
+    df = pd.DataFrame({
+        "user": [10, 11, 12, 13, 14, 15],
+        "city": [" a", "b ", "?", "", "a", None],  # stripped; '?', '' and null become <missing>
+        "price": [1.0, 2.5, 3.0, 4.0, 5.0, 6.0],
+        "hist": [[1, 2], [3], [], [2, 2], [5], [1]],
+        "flag": [True, False, True, True, False, False],
+        "buy": ["yes", "no", "yes.", "no", "no", "yes"],
+        "click": [1, 1, 1, 0, 0, 1],
+    })
+    df.to_parquet(tmp_path / "log.parquet")
+    cfg = ConvertConfig(labels=["click", "bought=buy:yes"], depends_on={"bought": "click"}, max_vocab_size=4,
+                        split_fractions={"valid": 1 / 6, "test": 1 / 6})
+    spec, report = convert({"train": [tmp_path / "log.parquet"]}, tmp_path / "out", cfg)
+    assert report["features"] == {"sparse": ["user", "city", "flag"], "sequence": ["hist"], "dense": ["price"]}
+    assert report["rewrites"] == {"city": {"stripped": 2, MISSING: 3}}
+    sparse = {f.name: f for f in spec.sparse}
+    assert sparse["user"].hash_buckets == 4 and sparse["user"].vocab_size is None  # 4 train users + row 0 > 4: hashed
+    assert sparse["city"].vocab_size <= 4
+    assert spec.sequences[0].max_len == 20 and spec.sequences[0].pooling == "mean"
+    assert "buy" not in spec.feature_columns and spec.task("bought").depends_on == "click"
+    written = pd.concat([pd.read_parquet(tmp_path / "out" / s) for s in ("train", "valid", "test")])
+    assert sorted(written["bought"]) == [0, 0, 0, 1, 1, 1] and written["bought"].dtype == np.int64
 
 
 def test_nan_in_a_dense_column_names_file_column_and_count(tmp_path):
-    df = pd.DataFrame({"u": [1, 2, 3, 4], "x": [0.5, np.nan, np.nan, 1.0], "click": [0, 1, 0, 1]})
     f = tmp_path / "log.csv"
-    df.to_csv(f, index=False)
+    pd.DataFrame({"u": [1, 2, 3, 4], "x": [0.5, np.nan, np.nan, 1.0], "click": [0, 1, 0, 1]}).to_csv(f, index=False)
     cfg = ConvertConfig(labels=["click"], split_fractions={"valid": 0.25, "test": 0.25})
-    with pytest.raises(DataValidationError, match=rf"{f}: column 'x': 2 of \d rows in split 'train'|{f}: column 'x': \d of \d rows"):
-        convert({"train": [str(f)]}, tmp_path / "out", cfg)
+    with pytest.raises(DataValidationError, match=rf"{f}: column 'x': 2 of 4 rows are NaN.*--fill-dense-nan"):
+        convert({"train": [f]}, tmp_path / "out", cfg)
     cfg.fill_dense_nan = 0.0
-    _, report = convert({"train": [str(f)]}, tmp_path / "out2", cfg)
-    assert sum(v for k, v in report["rewrites"].items() if k.endswith("x:nan_filled")) == 2
+    _, report = convert({"train": [f]}, tmp_path / "out2", cfg)
+    assert report["rewrites"] == {"x": {"nan_filled": 2}}
 
 
-def test_unknown_label_is_a_clear_error(tmp_path):
+def test_unknown_columns_are_clear_errors(tmp_path):
     f = tmp_path / "log.csv"
     pd.DataFrame({"u": [1, 2], "click": [0, 1]}).to_csv(f, index=False)
-    with pytest.raises(ValueError, match="label column 'buy' not in split 'train'"):
-        convert({"train": [str(f)], "valid": [str(f)], "test": [str(f)]}, tmp_path / "o", ConvertConfig(labels=["buy"]))
-
-
-def test_converted_ali_ccp_trains_end_to_end(ray_local, tmp_path):
-    from pipeline.config import DataPaths, JobConfig, ModelConfig, TrainConfig
-    from pipeline.job import run
-
-    d = DATA / "ali-ccp"
-    convert({"train": [str(d / "ali_ccp_train_sample.csv")], "valid": [str(d / "ali_ccp_val_sample.csv")],
-             "test": [str(d / "ali_ccp_test_sample.csv")]}, tmp_path / "ali",
-            ConvertConfig(labels=["click", "purchase"], depends_on={"purchase": "click"}))
-    job = JobConfig(data=DataPaths(str(tmp_path / "ali"), str(tmp_path / "ali" / "spec.yaml")),
-                    model=ModelConfig(name="esmm"), train=TrainConfig(epochs=1, batch_size=32, num_workers=2),
-                    name="ali", output=str(tmp_path / "out"), storage_path=str(tmp_path / "store"))
-    metrics = run(job)
-    assert metrics["test"]["rows"] == 50 and np.isfinite(metrics["test"]["click"]["auc"])
+    inputs = {"train": [f], "valid": [f], "test": [f]}
+    with pytest.raises(ConvertError, match=r"label 'buy': column 'buy' not in the train file\(s\).*columns: \['u', 'click'\]"):
+        convert(inputs, tmp_path / "o", ConvertConfig(labels=["buy"]))
+    with pytest.raises(ConvertError, match=r"--drop 'usr' matches no column"):
+        convert(inputs, tmp_path / "o", ConvertConfig(labels=["click"], drop=["usr"]))
+    with pytest.raises(ConvertError, match=r"no data for split\(s\) \['valid', 'test'\]"):
+        convert({"train": [f]}, tmp_path / "o", ConvertConfig(labels=["click"]))

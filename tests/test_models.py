@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import DatasetSpec, ModelConfig, from_dict
-from pipeline.layers import EmbeddingFront, Experts
+from pipeline.layers import MLP, EmbeddingFront, Experts, Gate, Tower
 from pipeline.models import build_model
-from pipeline.models import MODELS
+from pipeline.models.base import multitask_loss
 
 SPEC = {
     "name": "t",
@@ -109,9 +109,11 @@ def test_shapes_funnel_and_gradients(spec, cfg):
     loss.backward()
     experts = [model.experts] if cfg.name == "mmoe" else list(model.experts)
     for block in experts:
-        grad = block.weights[0].grad
-        assert grad is not None and torch.all(grad.abs().sum(dim=(1, 2)) > 0), "an expert got no gradient"
-    gate_params = [model.gates.weight] if cfg.name == "mmoe" else [g.weight for g in model.task_gates]
+        for w in block.weights:  # every layer of every expert of every level
+            assert w.grad is not None and torch.all(w.grad.abs().sum(dim=(1, 2)) > 0), "an expert got no gradient"
+    gate_params = ([model.gates.weight] if cfg.name == "mmoe"
+                   else [g.weight for g in [*model.task_gates, *model.shared_gates]])
+    assert len(gate_params) == (1 if cfg.name == "mmoe" else 2 * cfg.num_levels - 1)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate_params)
     used = batch["sparse"][:, 0].unique()
     emb_grad = model.front.weights[model.front.dims.index(8)].grad
@@ -137,6 +139,53 @@ def test_masked_loss_ignores_rows_without_parent(spec):
     # the ESMM loss is the BCE of the chained probability
     ref = F.binary_cross_entropy(out["prob"][:, 1], batch["labels"][:, 1])
     torch.testing.assert_close(c[1], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_multitask_loss_function(spec):
+    torch.manual_seed(0)
+    batch = make_batch(spec)
+    labels = batch["labels"].clone()
+    row = int((labels[:, 0] == 0).nonzero()[0])
+    flipped = labels.clone()
+    flipped[row, 1] = 1.0  # a conversion label on a non-clicked row
+    weights = torch.tensor([1.0, 0.5])
+    for mode in ("esmm", "masked"):
+        cfg = ModelConfig(name="mmoe", dependent_loss=mode)
+        model = build_model(spec, cfg)
+        out = model(batch)
+        total, per_task = multitask_loss(out, labels, spec, cfg, weights)
+        torch.testing.assert_close(per_task, model.task_losses(out, labels))
+        torch.testing.assert_close(total, per_task[0] + 0.5 * per_task[1])
+        torch.testing.assert_close(per_task[0], F.binary_cross_entropy_with_logits(out["logits"][:, 0], labels[:, 0]))
+        _, moved = multitask_loss(out, flipped, spec, cfg, weights)
+        if mode == "esmm":  # BCE of the chained probability over every exposure
+            ref = F.binary_cross_entropy(out["prob"][:, 1].clamp(1e-7, 1 - 1e-7), labels[:, 1])
+            torch.testing.assert_close(per_task[1], ref, rtol=1e-4, atol=1e-5)
+            assert moved[1] != per_task[1]
+        else:  # BCE of the convert head on clicked rows only
+            clicked = labels[:, 0] == 1
+            ref = F.binary_cross_entropy_with_logits(out["logits"][clicked, 1], labels[clicked, 1])
+            torch.testing.assert_close(per_task[1], ref)
+            assert moved[1] == per_task[1]
+    # no clicked row: the masked loss is 0 yet still reaches the convert head
+    none_clicked = torch.zeros_like(labels)
+    total, per_task = multitask_loss(out, none_clicked, spec, cfg, weights)
+    assert per_task[1] == 0 and per_task[1].requires_grad
+    total.backward()
+
+
+def test_small_layers():
+    x = torch.randn(6, 10)
+    mlp = MLP(10, [16, 8], dropout=0.1, out_dim=3)
+    assert mlp.out_dim == 3 and mlp(x).shape == (6, 3)
+    assert MLP(10, [16, 8]).out_dim == 8 and MLP(10, []).out_dim == 10
+    gate = Gate(10, 4)
+    g = gate(x)
+    assert g.shape == (6, 4)
+    torch.testing.assert_close(g.sum(-1), torch.ones(6))
+    assert Gate(10, 4, num_gates=3)(x).shape == (6, 3, 4)
+    assert Gate(10, 4, num_gates=3)(torch.randn(6, 3, 10)).shape == (6, 3, 4)
+    assert Tower(10, [8])(x).shape == (6,)
 
 
 def test_training_steps_reduce_loss(spec):

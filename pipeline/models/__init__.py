@@ -5,7 +5,7 @@ import dataclasses
 
 from pipeline.config import DatasetSpec, ModelConfig, from_dict
 from pipeline.models.aitm import AITM
-from pipeline.models.base import MultiTaskModel
+from pipeline.models.base import MultiTaskModel, multitask_loss  # noqa: F401  (re-exported)
 from pipeline.models.bottom import SharedBottom, SingleTask
 from pipeline.models.esmm import ESMM
 from pipeline.models.mmoe import MMoE, OMoE

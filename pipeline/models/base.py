@@ -62,28 +62,8 @@ class MultiTaskModel(nn.Module):
         return {"logits": logits, "cond_prob": log_cond.exp(), "prob": log_prob.exp(), "log_prob": log_prob}
 
     def task_losses(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """Unweighted binary cross-entropy per task, [T].
-
-        A root task, or any task of a non-chaining model: BCE of its head over all exposures. A dependent
-        task with ``dependent_loss: esmm``: BCE of the chained P(task) against its exposure-space label over
-        all rows (ESMM's CTCVR loss: no sample selection bias). With ``masked``: BCE of its own head on the
-        rows whose parent label is 1 only (the classic CVR model, trained on clicks)."""
-        losses = []
-        for j, p in enumerate(self.parents):
-            y = labels[:, j]
-            if p < 0 or not self.chains_probabilities:
-                losses.append(F.binary_cross_entropy_with_logits(out["logits"][:, j], y))
-            elif self.cfg.dependent_loss == "esmm":
-                log_p = out["log_prob"][:, j].clamp(max=-1e-7)
-                log_not_p = torch.log(-torch.expm1(log_p))  # log(1 - p), exact for p near 0 and near 1
-                losses.append(-(y * log_p + (1 - y) * log_not_p).mean())
-            elif self.cfg.dependent_loss == "masked":
-                mask = labels[:, p]
-                bce = F.binary_cross_entropy_with_logits(out["logits"][:, j], y, reduction="none")
-                losses.append((bce * mask).sum() / mask.sum().clamp(min=1))
-            else:
-                raise ValueError(f"dependent_loss must be esmm or masked, got {self.cfg.dependent_loss!r}")
-        return torch.stack(losses)
+        """Unweighted binary cross-entropy per task, [T] (see ``per_task_losses``)."""
+        return per_task_losses(out, labels, self.parents, self.cfg.dependent_loss, self.chains_probabilities)
 
     def regularizer(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """An extra loss term outside the task weighting (AITM's label constraint); none by default."""
@@ -92,3 +72,39 @@ class MultiTaskModel(nn.Module):
     def shared_parameter(self) -> torch.Tensor:
         """The last layer shared by all tasks: GradNorm balances the tasks' gradient norms on it."""
         return self.front.weights[-1]
+
+
+def per_task_losses(out: dict[str, torch.Tensor], labels: torch.Tensor, parents: list[int], dependent_loss: str,
+                    chains_probabilities: bool = True) -> torch.Tensor:
+    """Unweighted binary cross-entropy per task, [T].
+
+    A root task, or any task of a non-chaining model: BCE of its head over all exposures. A dependent
+    task with ``dependent_loss: esmm``: BCE of the chained P(task) against its exposure-space label over
+    all rows (ESMM's CTCVR loss: no sample selection bias). With ``masked``: BCE of its own head on the
+    rows whose parent label is 1 only (the classic CVR model, trained on clicks)."""
+    if dependent_loss not in ("esmm", "masked"):
+        raise ValueError(f"dependent_loss must be esmm or masked, got {dependent_loss!r}")
+    losses = []
+    for j, p in enumerate(parents):
+        y = labels[:, j]
+        if p < 0 or not chains_probabilities:
+            losses.append(F.binary_cross_entropy_with_logits(out["logits"][:, j], y))
+        elif dependent_loss == "esmm":
+            # in log space when the model gives it: a clamped prob would have no gradient below 1e-7
+            log_p = out["log_prob"][:, j] if "log_prob" in out else out["prob"][:, j].clamp(min=1e-7).log()
+            log_p = log_p.clamp(max=-1e-7)  # P <= 1 - 1e-7
+            log_not_p = torch.log(-torch.expm1(log_p))  # log(1 - p), exact for p near 0 and near 1
+            losses.append(-(y * log_p + (1 - y) * log_not_p).mean())
+        else:
+            mask = labels[:, p]
+            bce = F.binary_cross_entropy_with_logits(out["logits"][:, j], y, reduction="none")
+            # no parent-positive row: 0, but still a function of the logits (the graph stays connected)
+            losses.append((bce * mask).sum() / mask.sum().clamp(min=1))
+    return torch.stack(losses)
+
+
+def multitask_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, spec: DatasetSpec, model_cfg: ModelConfig,
+                   weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of weights * per-task losses, per-task losses [T]) for a model that chains the funnel."""
+    per_task = per_task_losses(out, labels, task_parents(spec), model_cfg.dependent_loss)
+    return (weights.to(per_task) * per_task).sum(), per_task

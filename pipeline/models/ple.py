@@ -41,5 +41,5 @@ class PLE(MultiTaskModel):
             tasks = (gates.unsqueeze(-1) * out[:, self.task_experts]).sum(dim=2)  # [B, T, H]
             self.last_gates[f"level{level}"] = gates.detach()
             if level < len(self.shared_gates):
-                shared = (self.shared_gates[level](shared) @ out).squeeze(1)  # [B, H]
+                shared = torch.einsum("be,beh->bh", self.shared_gates[level](shared), out)  # [B, H]
         return torch.stack([tower(tasks[:, j]) for j, tower in enumerate(self.towers)], dim=1)
