@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import DataPaths, JobConfig, merge_overrides
+from pipeline.config import JobConfig, merge_overrides
 from pipeline.models import MODELS
 from pipeline.synthetic import SPEC_PATH
 from pipeline.weighting import STRATEGIES
@@ -17,6 +17,8 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--data", help="dataset directory/URI with train/ valid/ test/ Parquet splits "
                                   "(default: the built-in synthetic log, generated into the cache)")
     p.add_argument("--spec", help="dataset spec YAML (default: the synthetic log's spec)")
+    p.add_argument("--on-bad-rows", choices=["fail", "drop"],
+                   help="rows with bad values: refuse the data (fail, the default) or leave them out and report the counts")
     p.add_argument("--workers", type=int, help="Ray Train workers")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="train on GPUs (default: when the cluster has them)")
@@ -38,16 +40,18 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
     if job.model.name not in MODELS:
         p.error(f"unknown model {job.model.name!r}; known: {sorted(MODELS)}")
     job = merge_overrides(job, {
-        "data.path": args.data, "data.spec": args.spec, "train.num_workers": args.workers,
-        "train.use_gpu": args.gpu, "train.epochs": args.epochs, "train.batch_size": args.batch_size,
-        "train.lr": args.lr, "train.seed": args.seed, "train.loss_weighting": args.loss_weighting, "name": args.name, "storage_path": args.storage_path, "output": args.output,
+        "data.path": args.data, "data.spec": args.spec, "data.on_bad_rows": args.on_bad_rows,
+        "train.num_workers": args.workers, "train.use_gpu": args.gpu, "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size, "train.lr": args.lr, "train.seed": args.seed,
+        "train.loss_weighting": args.loss_weighting, "name": args.name, "storage_path": args.storage_path,
+        "output": args.output,
     })
     if not job.data.path:
         from pipeline.job import default_synthetic_data
 
         rows = None if args.train_rows is None else {
             "train": args.train_rows, "valid": max(args.train_rows // 10, 1000), "test": max(args.train_rows // 10, 1000)}
-        job.data = DataPaths(path=str(default_synthetic_data(rows)), spec=job.data.spec or str(SPEC_PATH))
+        job.data.path, job.data.spec = str(default_synthetic_data(rows)), job.data.spec or str(SPEC_PATH)
     elif not job.data.spec:
         sys.exit("--spec is required with --data (the dataset spec YAML of that log)")
     return job

@@ -26,11 +26,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class SparseFeature:
-    """A single-valued id column (int64 or string)."""
+    """A single-valued id column (int64 or string). Exactly one of ``vocab_size``, ``hash_buckets`` or
+    ``num_ids`` sizes its table (unless it uses a table another feature defines)."""
 
     name: str
     vocab_size: Optional[int] = None  # ordinal encoding fit on train; index 0 is out-of-vocabulary
     hash_buckets: Optional[int] = None  # or: hash the raw id into this many buckets
+    # or: the ids are already indices in [0, num_ids) (a pre-encoded log) and are used as they are; an
+    # id outside that range is bad input (refused, or its row dropped under on_bad_rows: drop)
+    num_ids: Optional[int] = None
     dim: int = 16
     table: Optional[str] = None  # share an embedding table with other features of this name
 
@@ -48,6 +52,7 @@ class SequenceFeature:
     pooling: str = "mean"  # mean | sum | max
     vocab_size: Optional[int] = None
     hash_buckets: Optional[int] = None
+    num_ids: Optional[int] = None
     dim: int = 16
     table: Optional[str] = None
 
@@ -81,7 +86,12 @@ class EmbeddingTable:
     name: str
     num_rows: int  # including the out-of-vocabulary / padding row 0
     dim: int
-    encoding: str  # "vocab" (ordinal, fit on train) or "hash"
+    encoding: str  # "vocab" (ordinal, fit on train), "hash" or "identity" (id i -> row i + 1)
+
+    @property
+    def num_ids(self) -> Optional[int]:
+        """The valid raw ids [0, num_ids) of an identity table; None for the others (any id is fine)."""
+        return self.num_rows - 1 if self.encoding == "identity" else None
 
 
 @dataclass
@@ -120,16 +130,20 @@ class DatasetSpec:
     def _derive_tables(self) -> dict[str, EmbeddingTable]:
         tables: dict[str, EmbeddingTable] = {}
         for f in [*self.sparse, *self.sequences]:
-            if f.vocab_size is not None and f.hash_buckets is not None:
-                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} sets both vocab_size and hash_buckets")
-            if f.vocab_size is None and f.hash_buckets is None:
+            sizes = {k: v for k, v in (("vocab_size", f.vocab_size), ("hash_buckets", f.hash_buckets),
+                                       ("num_ids", f.num_ids)) if v is not None}
+            if len(sizes) > 1:
+                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} sets both {' and '.join(sizes)}")
+            if not sizes:
                 if f.table_name in tables:
                     continue  # uses a table another feature defines
-                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} needs vocab_size or hash_buckets (or a shared table)")
-            size = f.vocab_size if f.vocab_size is not None else f.hash_buckets
-            if size < 2:
-                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} table size must be >= 2, got {size}")
-            table = EmbeddingTable(f.table_name, size, f.dim, "vocab" if f.vocab_size is not None else "hash")
+                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} needs vocab_size, hash_buckets or num_ids "
+                                  "(or a shared table)")
+            (kind, size), = sizes.items()
+            if size < (1 if kind == "num_ids" else 2):
+                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} {kind} is too small: {size}")
+            encoding = {"vocab_size": "vocab", "hash_buckets": "hash", "num_ids": "identity"}[kind]
+            table = EmbeddingTable(f.table_name, size + (kind == "num_ids"), f.dim, encoding)
             old = tables.get(f.table_name)
             if old is not None and old != table:
                 raise ConfigError(f"spec {self.name!r}: shared table {f.table_name!r} defined differently: {old} vs {table}")
@@ -137,7 +151,7 @@ class DatasetSpec:
         for f in [*self.sparse, *self.sequences]:
             if f.table_name not in tables:
                 raise ConfigError(f"spec {self.name!r}: feature {f.name!r} uses undefined table {f.table_name!r}")
-            if tables[f.table_name].dim != f.dim and (f.vocab_size or f.hash_buckets) is None:
+            if tables[f.table_name].dim != f.dim and (f.vocab_size or f.hash_buckets or f.num_ids) is None:
                 f.dim = tables[f.table_name].dim
         return tables
 
@@ -218,6 +232,14 @@ class TrainConfig:
 class DataPaths:
     path: str = ""  # directory or URI holding train/ valid/ test/ sub-directories of Parquet files
     spec: str = ""  # dataset spec YAML
+    # rows with a null, a label outside {0, 1}, a conversion without its click, a NaN/inf dense value or a
+    # negative / out-of-range id: "fail" refuses the data (file, column, count); "drop" leaves those rows
+    # out of training and evaluation and reports the counts per split, column and reason
+    on_bad_rows: str = "fail"
+
+    def __post_init__(self) -> None:
+        if self.on_bad_rows not in ("fail", "drop"):
+            raise ConfigError(f"data.on_bad_rows must be fail or drop, got {self.on_bad_rows!r}")
 
 
 @dataclass

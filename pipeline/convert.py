@@ -96,7 +96,11 @@ def convert(inputs: dict[str, list[str | Path]], out_dir: str | Path, cfg: Conve
     (out_dir / "spec.yaml").write_text(
         f"# {description}\n# Edit dims, vocabulary sizes, normalisation or shared tables as needed.\n"
         + yaml.safe_dump(spec_raw, sort_keys=False, default_flow_style=None, width=120))
-    validate_dataset(str(out_dir), spec)  # a conversion that breaks the spec's rules fails here, at once
+    try:  # a conversion that breaks the spec's rules fails here, at once
+        validate_dataset(str(out_dir), spec)
+    except DataValidationError as e:
+        raise DataValidationError(f"{e} (the converted splits and spec are in {out_dir}: fix the source, or train "
+                                  "with --on-bad-rows drop to leave such rows out)") from None
     report = {
         "rows": {s: len(df) for s, df in splits.items()},
         "positive_rate": {s: {t: round(float(df[t].mean()), 4) for t in tasks} for s, df in splits.items()},

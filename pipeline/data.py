@@ -10,6 +10,8 @@ a handful of tensors per batch:
     seq    [B, S, L] int64 most recent L ids of each sequence feature, 0 = padding
     dense  [B, D] float32  normalised
     labels [B, T] float32  (and oracle [B, T] float32 on evaluation splits of synthetic data)
+    keep   [B] bool        only under ``on_bad_rows: drop``: False for a bad row, which the worker counts
+                           as read and leaves out of training and evaluation
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import ray.data
 import torch
 
 from pipeline.config import DatasetSpec
-from pipeline.validate import split_files
+from pipeline.validate import as_floats, bad_row_masks, split_files
 
 FIT_BATCH_ROWS = 65_536
 _REDUCE_EVERY = 2_000_000  # merge partial value counts once this many (value, count) pairs pile up
@@ -41,11 +43,12 @@ class Preprocessor:
     dense_mean: np.ndarray = None
     dense_std: np.ndarray = None
     train_rows: int = 0
+    drop_bad_rows: bool = False  # on_bad_rows: drop (a job setting, not saved with the state)
 
     # ------------------------------------------------------------------ fit
 
     @staticmethod
-    def fit(train: ray.data.Dataset, spec: DatasetSpec) -> "Preprocessor":
+    def fit(train: ray.data.Dataset, spec: DatasetSpec, drop_bad_rows: bool = False) -> "Preprocessor":
         vocab_tables = {n for n, t in spec.tables.items() if t.encoding == "vocab"}
         counts: dict[str, list[pa.Table]] = {t: [] for t in vocab_tables}
         pending = dict.fromkeys(vocab_tables, 0)
@@ -53,6 +56,8 @@ class Preprocessor:
         dense_sq = np.zeros(len(spec.dense))
         rows = 0
         for batch in train.iter_batches(batch_size=FIT_BATCH_ROWS, batch_format="pyarrow"):
+            if drop_bad_rows and (masks := bad_row_masks(batch, spec)):  # fit on the rows that will train
+                batch = batch.filter(pa.array(~np.logical_or.reduce([m for *_, m in masks])))
             rows += batch.num_rows
             for f in [*spec.sparse, *spec.sequences]:
                 if f.table_name not in vocab_tables:
@@ -78,13 +83,17 @@ class Preprocessor:
             vocab[name] = merged["value"].combine_chunks()[: spec.tables[name].num_rows - 1]
         mean = dense_sum / rows
         std = np.sqrt(np.maximum(dense_sq / rows - mean**2, 0.0))
-        return Preprocessor(spec, vocab, mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32), rows)
+        return Preprocessor(spec, vocab, mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32), rows,
+                            drop_bad_rows)
 
     # ------------------------------------------------------------------ transform
 
     def transform(self, batch: pa.Table) -> dict[str, np.ndarray]:
         spec, n = self.spec, batch.num_rows
         out: dict[str, np.ndarray] = {}
+        if self.drop_bad_rows:  # bad values below are encoded harmlessly; their rows are never used
+            masks = bad_row_masks(batch, spec)
+            out["keep"] = ~np.logical_or.reduce([m for *_, m in masks]) if masks else np.ones(n, bool)
         out["sparse"] = np.zeros((n, len(spec.sparse)), dtype=np.int64)
         for j, f in enumerate(spec.sparse):
             out["sparse"][:, j] = self._encode(batch[f.name].combine_chunks(), f.table_name)
@@ -96,8 +105,7 @@ class Preprocessor:
         if spec.dense:
             dense = np.stack([_dense_values(batch[d.name], d.normalize) for d in spec.dense], axis=1)
             out["dense"] = ((dense - self.dense_mean) / self.dense_std).astype(np.float32)
-        out["labels"] = np.stack(
-            [batch[c].to_numpy(zero_copy_only=False).astype(np.float32) for c in spec.label_columns], axis=1)
+        out["labels"] = np.stack([as_floats(batch[c]) for c in spec.label_columns], axis=1).astype(np.float32)
         if spec.oracle and all(c in batch.column_names for c in spec.oracle.values()):
             out["oracle"] = np.stack([
                 batch[spec.oracle[t]].to_numpy(zero_copy_only=False).astype(np.float32)
@@ -107,6 +115,11 @@ class Preprocessor:
     def _encode(self, values: pa.Array, table: str) -> np.ndarray:
         """Raw ids -> table-local indices in [0, num_rows); 0 is the out-of-vocabulary row."""
         t = self.spec.tables[table]
+        if values.null_count:  # only a row that is dropped has one
+            values = values.fill_null(pa.scalar("" if pa.types.is_string(values.type) else 0, values.type))
+        if t.encoding == "identity":
+            ids = values.to_numpy(zero_copy_only=False).astype(np.int64)
+            return np.where((ids >= 0) & (ids < t.num_ids), ids + 1, 0)
         if t.encoding == "hash":
             raw = values.to_numpy(zero_copy_only=False)
             return (pd.util.hash_array(raw.astype(object) if raw.dtype.kind in "OU" else raw)
@@ -143,9 +156,16 @@ class Preprocessor:
         }
 
     @staticmethod
-    def from_state_dict(state: dict[str, Any], spec: DatasetSpec) -> "Preprocessor":
+    def from_state_dict(state: dict[str, Any], spec: DatasetSpec, drop_bad_rows: bool = False) -> "Preprocessor":
         vocab = {k: pa.array(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in state["vocab"].items()}
-        return Preprocessor(spec, vocab, state["dense_mean"].numpy(), state["dense_std"].numpy(), state["train_rows"])
+        return Preprocessor(spec, vocab, state["dense_mean"].numpy(), state["dense_std"].numpy(), state["train_rows"],
+                            drop_bad_rows)
+
+
+def without_bad_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A worker's batch without the rows the preprocessing marked bad (on_bad_rows: drop)."""
+    keep = batch["keep"]
+    return {k: v[keep] for k, v in batch.items() if k != "keep"}
 
 
 def _merge_counts(parts: list[pa.Table]) -> pa.Table:
@@ -154,8 +174,8 @@ def _merge_counts(parts: list[pa.Table]) -> pa.Table:
 
 
 def _dense_values(column: pa.ChunkedArray, normalize: str) -> np.ndarray:
-    v = column.to_numpy().astype(np.float64)
-    return np.log1p(v) if normalize == "log_standard" else v
+    v = as_floats(column)
+    return np.log1p(v, where=v >= 0, out=np.full_like(v, np.nan)) if normalize == "log_standard" else v
 
 
 def read_split(path: str, split: str, spec: DatasetSpec, shuffle_files: bool = False) -> ray.data.Dataset:

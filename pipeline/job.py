@@ -25,7 +25,7 @@ from pipeline.data import Preprocessor, build_datasets, read_split
 from pipeline.plots import plot_gates, plot_learning_curves
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
 from pipeline.train import train_loop_per_worker
-from pipeline.validate import validate_dataset
+from pipeline.validate import DataReport, validate_dataset
 
 DEFAULT_CACHE = Path(os.environ.get("MTREC_CACHE", Path.home() / ".cache" / "mtrec"))
 
@@ -105,13 +105,14 @@ def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) ->
     """Fit on the train split once per (data, spec) in this storage: a resumed run reuses the exact same
     encoding, and the runs of a study or a Tune search over one dataset share one fit."""
     fs, root = _fs(storage)
-    key = hashlib.sha1(json.dumps([job.data.path, dataclasses.asdict(spec)], sort_keys=True).encode()).hexdigest()[:16]
+    drop = job.data.on_bad_rows == "drop"  # then the fit skips the bad rows: another fit
+    key = hashlib.sha1(json.dumps([job.data.path, dataclasses.asdict(spec), drop], sort_keys=True).encode()).hexdigest()[:16]
     path = f"{root}/preprocessors/{key}.pt"
     if fs.get_file_info(path).type == pafs.FileType.File:
         with fs.open_input_stream(path) as f:
             saved = torch.load(io.BytesIO(f.read()), weights_only=True)
-        return Preprocessor.from_state_dict(saved["state"], spec)
-    pre = Preprocessor.fit(read_split(job.data.path, "train", spec), spec)
+        return Preprocessor.from_state_dict(saved["state"], spec, drop)
+    pre = Preprocessor.fit(read_split(job.data.path, "train", spec), spec, drop)
     fs.create_dir(f"{root}/preprocessors", recursive=True)
     buf = io.BytesIO()
     torch.save({"data_path": job.data.path, "state": pre.state_dict()}, buf)
@@ -129,9 +130,11 @@ def check_resumable(job: JobConfig, storage: str) -> None:
     selector = pafs.FileSelector(f"{root}/{job.name}", allow_not_found=True)
     checkpoints = sorted(f.path for f in fs.get_file_info(selector)
                          if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_"))
-    if not checkpoints:
+    # a checkpoint is complete once its config.json is there (written last, after state.pt)
+    complete = [c for c in checkpoints if fs.get_file_info(f"{c}/config.json").type == pafs.FileType.File]
+    if not complete:
         return
-    with fs.open_input_stream(f"{checkpoints[-1]}/config.json") as f:
+    with fs.open_input_stream(f"{complete[-1]}/config.json") as f:
         previous = json.loads(f.read())["job"]
     for key in ("data", "model"):
         if previous[key] != job.to_dict()[key]:
@@ -144,8 +147,10 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Train and evaluate one model; returns the nested metrics also written to <output>/metrics.json."""
     connect_ray()
     spec = DatasetSpec.load(job.data.spec)
-    rows = validate_dataset(job.data.path, spec)
-    print(f"data {job.data.path}: {rows} rows, spec {spec.name!r} OK")
+    data = validate_dataset(job.data.path, spec, on_bad_rows=job.data.on_bad_rows)
+    print(f"data {job.data.path}: {data.rows} rows, spec {spec.name!r} OK")
+    if any(data.dropped.values()):
+        print(f"on_bad_rows: drop: leaving out {data.dropped} bad rows ({data.bad_rows})")
     storage = _storage(job)
     check_resumable(job, storage)
     pre = fit_or_load_preprocessor(job, spec, storage)
@@ -170,18 +175,26 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         ),
     )
     result = trainer.fit()
-    return write_outputs(job, spec, result)
+    return write_outputs(job, spec, result, data)
 
 
-def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result) -> dict[str, Any]:
+def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result, data: DataReport) -> dict[str, Any]:
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
+    # copy, then swap: an interrupted copy never replaces the previous run's checkpoint with half a one
+    staging = out / f".checkpoint.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    result.checkpoint.to_directory(str(staging))
     if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    result.checkpoint.to_directory(str(ckpt_dir))
+        old = out / f".checkpoint.old-{os.getpid()}"
+        ckpt_dir.rename(old)
+        staging.rename(ckpt_dir)
+        shutil.rmtree(old)
+    else:
+        staging.rename(ckpt_dir)
     summary = json.loads((ckpt_dir / "metrics.json").read_text())
-    metrics = nest_metrics(summary["metrics"])
+    metrics = nest_metrics(summary["metrics"] | data.metrics())
     metrics["history"] = summary["history"]
     metrics["checkpoint"] = str(ckpt_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

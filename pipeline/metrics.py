@@ -13,6 +13,7 @@ import torch.distributed as dist
 from sklearn.metrics import log_loss, roc_auc_score
 
 from pipeline.config import DatasetSpec
+from pipeline.data import without_bad_rows
 
 PREDICTION_KEYS = ("prob", "cond_prob", "labels", "oracle")
 
@@ -47,6 +48,8 @@ def split_metrics(pred: dict[str, np.ndarray], spec: DatasetSpec,
     exposure-space AUC is the CTCVR AUC; ``cvr_auc`` is also reported over the parent-positive rows with
     the conditional prediction (and its oracle, P(task) / P(parent))."""
     out: dict[str, float] = {"rows": float(pred["labels"].shape[0])}
+    if "rows_read" in pred:  # one count per worker
+        out["rows_read"] = float(pred["rows_read"].sum())
     names = spec.task_names
     for j, task in enumerate(spec.tasks):
         y, p = pred["labels"][:, j], pred["prob"][:, j]
@@ -77,7 +80,11 @@ def predict_shard(model: torch.nn.Module, batches, num_tasks: int, gates=None) -
     """Run the model over one worker's shard of an evaluation split, keeping everything on the host."""
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in PREDICTION_KEYS}
+    rows_read = 0
     for batch in batches:
+        rows_read += batch["labels"].shape[0]
+        if "keep" in batch:  # on_bad_rows: drop
+            batch = without_bad_rows(batch)
         out = model(batch)
         if gates is not None:
             gates.update(model.last_gates)
@@ -88,5 +95,6 @@ def predict_shard(model: torch.nn.Module, batches, num_tasks: int, gates=None) -
             chunks["oracle"].append(batch["oracle"].cpu().numpy())
     model.train()
     # a worker whose shard came up empty still sends correctly shaped (0, T) arrays
-    return {k: np.concatenate(v) if v else np.zeros((0, num_tasks), np.float32)
-            for k, v in chunks.items() if v or k != "oracle"}
+    out = {k: np.concatenate(v) if v else np.zeros((0, num_tasks), np.float32)
+           for k, v in chunks.items() if v or k != "oracle"}
+    return out | {"rows_read": np.array([rows_read])}

@@ -24,6 +24,7 @@ from torch.distributed.algorithms.join import Join
 
 from pipeline.checkpoint import load_state, save_state
 from pipeline.config import DatasetSpec, JobConfig, from_dict
+from pipeline.data import without_bad_rows
 from pipeline.diagnostics import GateStats, merge_states, summarize
 from pipeline.metrics import gather_to_rank0, predict_shard, split_metrics
 from pipeline.models import build_model
@@ -45,7 +46,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     params = list(model.parameters()) + ([weighting.log_var] if cfg.loss_weighting == "uncertainty" else [])
     # fused Adam: one kernel over all parameters; 13x faster than the per-tensor loop on CPU here
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    progress = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "stopped": False, "history": []}
+    progress = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "stopped": False, "history": [], "resumes": 0}
     best_model = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group or a rerun with the same run name
@@ -55,7 +56,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         weighting.load_state_dict(state["weighting"])
         optimizer.load_state_dict(state["optimizer"])
         best_model = state["best_model"]
-        progress = state["progress"]
+        progress = state["progress"] | {"resumes": state["progress"].get("resumes", 0) + 1}
+        print(f"resumed from the checkpoint of epoch {progress['epoch'] - 1} (resume {progress['resumes']})")
     model = ray.train.torch.prepare_model(model)  # DDP on >1 worker (gloo on CPU, nccl on GPU)
     module = model.module if hasattr(model, "module") else model
     best_model = best_model or copy.deepcopy(module.state_dict())
@@ -68,7 +70,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         weights_used = weighting.log()  # the epoch's weights (learned ones as they were at its start)
         t0 = time.time()
         loss_sum = torch.zeros(len(spec.tasks) + 1, device=device)  # summed per row, synced once per epoch
-        rows = torch.zeros(1, device=device)
+        rows = torch.zeros(2, device=device)  # read, trained
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=cfg.seed + epoch, device=device, prefetch_batches=2)
@@ -76,6 +78,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # that runs out early shadow the others' all-reduces instead of hanging them
         with Join([model]) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext():
             for batch in batches:
+                rows[0] += batch["labels"].shape[0]
+                if "keep" in batch:  # on_bad_rows: drop
+                    batch = without_bad_rows(batch)
+                    if batch["labels"].shape[0] == 0:
+                        continue
                 out = model(batch)
                 per_task = module.task_losses(out, batch["labels"])
                 weighting.gradnorm_step(per_task, module.shared_parameter())
@@ -86,13 +93,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 optimizer.step()
                 n = batch["labels"].shape[0]
                 loss_sum += torch.cat([loss.detach()[None], per_task.detach()]) * n
-                rows += n
+                rows[1] += n
         train_seconds = time.time() - t0
         if dist.is_initialized():
             dist.all_reduce(loss_sum)
             dist.all_reduce(rows)
-        n_rows = rows.item()
-        metrics = {"epoch": epoch, "train/rows": n_rows, "train/seconds": train_seconds,
+        rows_read, n_rows = rows.tolist()
+        metrics = {"epoch": epoch, "train/rows_read": rows_read, "train/rows_trained": n_rows, "train/seconds": train_seconds,
                    "train/samples_per_s": n_rows / max(train_seconds, 1e-9),
                    "train/loss": loss_sum[0].item() / max(n_rows, 1)}
         metrics |= {f"train/{t}/loss": loss_sum[j + 1].item() / max(n_rows, 1) for j, t in enumerate(spec.task_names)}
@@ -108,7 +115,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             progress["stopped"] = epoch - progress["best_epoch"] >= cfg.patience
         progress["epoch"] = epoch + 1
         progress["stopped"] = _broadcast(progress["stopped"])
-        _report(metrics | {"best_epoch": progress["best_epoch"]}, rank,
+        _report(metrics | {"best_epoch": progress["best_epoch"], "resumes": progress["resumes"]}, rank,
                 {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best_model,
                  "weighting": weighting.state_dict(), "progress": progress}, loop_config)
 
@@ -118,7 +125,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_model = copy.deepcopy(module.state_dict())
     best_model = _broadcast(best_model)
     module.load_state_dict(best_model)
-    final = {"epoch": progress["epoch"] - 1, "best_epoch": progress["best_epoch"], "final": 1}
+    final = {"epoch": progress["epoch"] - 1, "best_epoch": progress["best_epoch"], "resumes": progress["resumes"], "final": 1}
     final |= _evaluate(module, "valid", spec, cfg)
     final |= _evaluate(module, "test", spec, cfg)
     _report(final, rank, {"model": last_model, "optimizer": optimizer.state_dict(), "best_model": best_model,

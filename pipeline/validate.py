@@ -2,22 +2,35 @@
 
 Every problem is reported with the file, the column and the number of rows affected, e.g.
 ``.../train/part-00003.parquet: column 'convert': 12 of 250000 rows have convert=1 but click=0``.
-Only the columns that need a value check (labels, dense) are read; null counts come from the Parquet
-footer statistics when present.
+
+Two kinds of problem:
+- **file problems** (not a readable Parquet file, a missing column, a wrong type, a split without rows)
+  always stop the run;
+- **row problems** (a null, a label outside {0, 1}, a conversion without a click, a NaN/inf or
+  negative-for-log dense value, a negative id, an id outside ``[0, num_ids)``) stop the run under
+  ``on_bad_rows: fail`` (the default) or, under ``on_bad_rows: drop``, are counted per split, column and
+  reason and the rows are left out of training and evaluation (``bad_row_masks`` is the one definition
+  of a bad row, used here and by the preprocessing that drops them).
+
+Only the columns that can hold a row problem are read: labels and dense values always, id columns only
+when their Parquet footer statistics (null count, min, max) cannot rule a problem out.
 """
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import DatasetSpec
 
 SPLITS = ("train", "valid", "test")
+BAD_ROW_POLICIES = ("fail", "drop")
 
 
 class DataValidationError(ValueError):
@@ -25,9 +38,21 @@ class DataValidationError(ValueError):
 
 
 @dataclass
-class FileReport:
-    path: str
-    rows: int
+class DataReport:
+    """What validation found: rows per split, and (policy ``drop``) the bad rows that will be left out."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # split -> rows with at least one problem
+    bad_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> "column/reason" -> rows
+
+    def metrics(self) -> dict[str, float]:
+        """Flat counts for the run's metrics: data/<split>/rows, .../dropped, .../bad/<column>/<reason>."""
+        out = {}
+        for split, n in self.rows.items():
+            out[f"data/{split}/rows"] = n
+            out[f"data/{split}/dropped"] = self.dropped.get(split, 0)
+            out |= {f"data/{split}/bad/{k}": v for k, v in self.bad_rows.get(split, {}).items()}
+        return out
 
 
 def split_files(path: str, split: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -44,40 +69,150 @@ def split_files(path: str, split: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, files
 
 
-def validate_dataset(path: str, spec: DatasetSpec, splits=SPLITS, threads: int = 4) -> dict[str, int]:
-    """Check every file of every split; returns rows per split. Raises DataValidationError on the first
-    bad file, listing all of that file's problems."""
-    rows = {}
+def validate_dataset(path: str, spec: DatasetSpec, splits=SPLITS, on_bad_rows: str = "fail",
+                     threads: int = 4) -> DataReport:
+    """Check every file of every split. Raises DataValidationError on the first file with a file
+    problem, or (policy ``fail``) with a row problem, listing all of that file's problems."""
+    if on_bad_rows not in BAD_ROW_POLICIES:
+        raise ValueError(f"on_bad_rows must be one of {BAD_ROW_POLICIES}, got {on_bad_rows!r}")
+    report = DataReport()
     for split in splits:
         fs, files = split_files(path, split)
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            reports = list(pool.map(lambda f: validate_file(fs, f, spec), files))
-        rows[split] = sum(r.rows for r in reports)
-        if rows[split] == 0:
+            checks = list(pool.map(lambda f: check_file(fs, f, spec), files))
+        for check in checks:  # in file order: the first bad file is the one named
+            if check.problems and on_bad_rows == "fail":
+                raise DataValidationError(f"{check.path}: " + "; ".join(
+                    f"column {c!r}: {n} of {check.rows} rows {message}" for c, _, message, n in check.problems))
+        report.rows[split] = sum(c.rows for c in checks)
+        if report.rows[split] == 0:
             raise DataValidationError(f"{path}: split {split!r} has 0 rows in {len(files)} file(s)")
-    return rows
+        report.dropped[split] = sum(c.bad for c in checks)
+        counts = Counter()
+        for c in checks:
+            counts.update({f"{column}/{reason}": n for column, reason, _, n in c.problems})
+        report.bad_rows[split] = dict(counts)
+        if report.dropped[split] == report.rows[split]:
+            raise DataValidationError(f"{path}: every row of split {split!r} is bad ({dict(counts)})")
+    return report
 
 
-def validate_file(fs: pafs.FileSystem, path: str, spec: DatasetSpec) -> FileReport:
+@dataclass
+class FileCheck:
+    path: str
+    rows: int
+    problems: list[tuple[str, str, str, int]]  # (column, reason, message, rows)
+    bad: int  # rows with at least one problem
+
+
+def check_file(fs: pafs.FileSystem, path: str, spec: DatasetSpec) -> FileCheck:
     try:
         pf = pq.ParquetFile(fs.open_input_file(path))
+        schema, n = pf.schema_arrow, pf.metadata.num_rows
     except Exception as e:  # truncated or corrupt files raise ArrowInvalid / OSError
         raise DataValidationError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-    schema = pf.schema_arrow
-    n = pf.metadata.num_rows
-    problems = [*_schema_problems(schema, spec)]
+    problems = list(_schema_problems(schema, spec))
     if problems:
         raise DataValidationError(f"{path}: " + "; ".join(problems))
-    problems += _null_problems(pf, spec, n)
-    value_columns = spec.label_columns + [d.name for d in spec.dense]
+    columns = spec.label_columns + [d.name for d in spec.dense] + _suspect_id_columns(pf, spec)
     try:
-        table = pf.read(columns=value_columns)
+        table = pf.read(columns=columns)
     except Exception as e:
-        raise DataValidationError(f"{path}: cannot read columns {value_columns} ({type(e).__name__}: {e})") from None
-    problems += _value_problems(table, spec, n)
-    if problems:
-        raise DataValidationError(f"{path}: " + "; ".join(problems))
-    return FileReport(path, n)
+        raise DataValidationError(f"{path}: cannot read columns {columns} ({type(e).__name__}: {e})") from None
+    masks = bad_row_masks(table, spec)
+    bad = np.logical_or.reduce([m for *_, m in masks]) if masks else np.zeros(n, bool)
+    return FileCheck(path, n, [(c, reason, message, int(m.sum())) for c, reason, message, m in masks], int(bad.sum()))
+
+
+def bad_row_masks(table: pa.Table, spec: DatasetSpec) -> list[tuple[str, str, str, np.ndarray]]:
+    """(column, reason, message, rows mask) for every row problem in ``table``; the reasons are null,
+    not_binary, funnel, not_finite, negative, negative_id and id_out_of_range. Columns the table lacks
+    are skipped."""
+    out = []
+
+    def add(column: str, reason: str, message: str, mask: np.ndarray) -> None:
+        if mask.any():
+            out.append((column, reason, message, mask))
+
+    names = set(table.column_names)
+    for f in [*spec.sparse, *spec.sequences]:
+        if f.name not in names:
+            continue
+        col = table[f.name]
+        add(f.name, "null", "are null", _null_mask(col))
+        values = col.combine_chunks()
+        is_list = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
+        flat = pc.list_flatten(values) if is_list else values
+        if not pa.types.is_integer(flat.type):
+            continue
+        ids = flat.fill_null(0).to_numpy(zero_copy_only=False)
+        num_ids = spec.tables[f.table_name].num_ids
+        if num_ids is None:
+            reason, message, flat_bad = "negative_id", "have a negative id", ids < 0
+        else:
+            reason, message, flat_bad = "id_out_of_range", f"have an id outside [0, {num_ids})", (ids < 0) | (ids >= num_ids)
+        if is_list:  # a row is bad when any of its ids is
+            rows = pc.list_parent_indices(values).to_numpy()
+            flat_bad = np.bincount(rows[flat_bad], minlength=len(values)) > 0
+        add(f.name, reason, message, flat_bad)
+    labels = {}
+    for c in spec.label_columns:
+        if c not in names:
+            continue
+        add(c, "null", "are null", _null_mask(table[c]))
+        labels[c] = as_floats(table[c])
+        add(c, "not_binary", "have a label outside {0, 1}", (labels[c] != 0) & (labels[c] != 1) & ~np.isnan(labels[c]))
+    for t in spec.tasks:
+        if t.depends_on is not None and t.label_column in labels:
+            child, parent = t.label_column, spec.task(t.depends_on).label_column
+            add(child, "funnel", f"have {child}=1 but {parent}=0 (breaks the {parent} -> {child} funnel)",
+                (labels[child] == 1) & (labels[parent] != 1))
+    for d in spec.dense:
+        if d.name not in names:
+            continue
+        null = _null_mask(table[d.name])
+        add(d.name, "null", "are null", null)
+        v = as_floats(table[d.name])
+        add(d.name, "not_finite", "are NaN or infinite", ~np.isfinite(v) & ~null)
+        if d.normalize == "log_standard":
+            add(d.name, "negative", "are negative (normalize: log_standard needs >= 0)", v < 0)
+    return out
+
+
+def _null_mask(column: pa.ChunkedArray) -> np.ndarray:
+    if column.null_count == 0:
+        return np.zeros(len(column), bool)
+    return column.is_null().to_numpy(zero_copy_only=False)
+
+
+def as_floats(column: pa.ChunkedArray) -> np.ndarray:
+    """A numeric or bool column as float64, nulls as NaN."""
+    return column.to_numpy().astype(np.float64) if column.null_count == 0 else \
+        column.cast(pa.float64()).fill_null(np.nan).to_numpy()
+
+
+def _suspect_id_columns(pf: pq.ParquetFile, spec: DatasetSpec) -> list[str]:
+    """The id columns whose footer statistics cannot rule out nulls, negative or out-of-range ids (and
+    every list column: its statistics describe the ids, not the rows)."""
+    features = {f.name: spec.tables[f.table_name].num_ids for f in [*spec.sparse, *spec.sequences]}
+    clean = dict.fromkeys(features, True)
+    md = pf.metadata
+    for rg in range(md.num_row_groups):
+        group = md.row_group(rg)
+        for i in range(group.num_columns):
+            col = group.column(i)
+            name = col.path_in_schema
+            if name not in features:  # a list column's leaf is "name.list.element"
+                clean.update({name.split(".")[0]: False} if name.split(".")[0] in features else {})
+                continue
+            s = col.statistics
+            if s is None or not s.has_null_count or s.null_count:
+                clean[name] = False
+            elif isinstance(s.min, int) and (s.min < 0 or (features[name] is not None and s.max >= features[name])):
+                clean[name] = False
+            elif not s.has_min_max and col.physical_type in ("INT32", "INT64"):
+                clean[name] = False
+    return [c for c, ok in clean.items() if not ok]
 
 
 def _schema_problems(schema: pa.Schema, spec: DatasetSpec):
@@ -94,8 +229,10 @@ def _schema_problems(schema: pa.Schema, spec: DatasetSpec):
             return "list<" + kind(t.value_type) + ">"
         return str(t)
 
+    id_kinds = {"int", "string"}
     expected = (
-        [(f.name, {"int", "string"}, "an integer or string id") for f in spec.sparse]
+        [(f.name, {"int"} if spec.tables[f.table_name].num_ids else id_kinds,
+          "an integer id" if spec.tables[f.table_name].num_ids else "an integer or string id") for f in spec.sparse]
         + [(f.name, {"list<int>", "list<string>"}, "list<int64> (or list<string>)") for f in spec.sequences]
         + [(f.name, {"int", "float"}, "numeric") for f in spec.dense]
         + [(c, {"int", "bool", "float"}, "a 0/1 label") for c in spec.label_columns]
@@ -106,57 +243,3 @@ def _schema_problems(schema: pa.Schema, spec: DatasetSpec):
             yield f"column {column!r}: missing (spec {spec.name!r} needs it)"
         elif kind(schema.field(column).type) not in kinds:
             yield f"column {column!r}: type {schema.field(column).type} is not {what}"
-
-
-def _null_problems(pf: pq.ParquetFile, spec: DatasetSpec, n: int):
-    columns = spec.feature_columns + spec.label_columns
-    names = pf.schema_arrow.names
-    nulls = dict.fromkeys(columns, 0)
-    unknown = set()
-    md = pf.metadata
-    for rg in range(md.num_row_groups):
-        group = md.row_group(rg)
-        for i in range(group.num_columns):
-            col = group.column(i)
-            top = col.path_in_schema.split(".")[0]
-            if top in nulls and top not in unknown:
-                stats = col.statistics
-                if stats is None or not stats.has_null_count:
-                    unknown.add(top)
-                elif "." not in col.path_in_schema:  # a list column's leaf counts empty lists too
-                    nulls[top] += stats.null_count
-    # list columns and columns without statistics: count nulls on the data itself
-    recount = [c for c in columns if c in unknown or pa.types.is_list(pf.schema_arrow.field(names.index(c)).type)]
-    if recount:
-        table = pf.read(columns=recount)
-        for c in recount:
-            nulls[c] = table[c].null_count
-    for c, k in nulls.items():
-        if k:
-            yield f"column {c!r}: {k} of {n} rows are null"
-
-
-def _value_problems(table: pa.Table, spec: DatasetSpec, n: int):
-    labels = {}
-    for c in spec.label_columns:
-        v = table[c].to_numpy(zero_copy_only=False).astype(np.float64)
-        bad = int(np.sum((v != 0) & (v != 1)))
-        if bad:
-            yield f"column {c!r}: {bad} of {n} rows have a label outside {{0, 1}}"
-        labels[c] = v
-    for t in spec.tasks:
-        if t.depends_on is not None:
-            child, parent = t.label_column, spec.task(t.depends_on).label_column
-            bad = int(np.sum((labels[child] == 1) & (labels[parent] != 1)))
-            if bad:
-                yield f"column {child!r}: {bad} of {n} rows have {child}=1 but {parent}=0 (breaks the {parent} -> {child} funnel)"
-    for d in spec.dense:
-        v = table[d.name].to_numpy(zero_copy_only=False).astype(np.float64)
-        bad = int(np.sum(~np.isfinite(v)))
-        if bad:
-            yield f"column {d.name!r}: {bad} of {n} rows are NaN or infinite"
-        if d.normalize == "log_standard":
-            neg = int(np.sum(v < 0))
-            if neg:
-                yield f"column {d.name!r}: {neg} of {n} rows are negative (normalize: log_standard needs >= 0)"
-

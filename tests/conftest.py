@@ -27,9 +27,10 @@ def small_log(tmp_path_factory) -> Path:
     return generate(out, cfg)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance (2 CPUs, like this machine) shared by the tests that need it; shut down at the end."""
+    """A local Ray instance (2 CPUs, like this machine) for the tests of one module, shut down after them:
+    test_job_submit starts a head node of its own, and two instances on one machine get in each other's way."""
     import ray
 
     here = Path(__file__).resolve().parent

@@ -37,7 +37,7 @@ def test_adult_protocol(adult):
     out, report = adult
     spec = DatasetSpec.load(out / "spec.yaml")
     assert spec == DatasetSpec.load(ADULT_SPEC)  # the committed spec is what the code generates
-    rows = validate_dataset(str(out), spec)
+    rows = validate_dataset(str(out), spec).rows
     assert rows == report["rows"]
     assert rows["train"] == 32_561 and rows["valid"] + rows["test"] == 16_281 and abs(rows["valid"] - rows["test"]) <= 1
     assert report["positive_rate"]["train"]["income"] == pytest.approx(7_841 / 32_561, abs=1e-4)
@@ -137,3 +137,21 @@ def test_unknown_columns_are_clear_errors(tmp_path):
         convert(inputs, tmp_path / "o", ConvertConfig(labels=["click"], drop=["usr"]))
     with pytest.raises(ConvertError, match=r"no data for split\(s\) \['valid', 'test'\]"):
         convert({"train": [f]}, tmp_path / "o", ConvertConfig(labels=["click"]))
+
+
+def test_converted_ali_ccp_trains_end_to_end(ray_local, tmp_path):
+    """No code from a CSV log to a trained model: the converter's output and spec train as they are."""
+    from pipeline.config import DataPaths, JobConfig, ModelConfig, TrainConfig
+    from pipeline.job import run
+
+    d = DATA / "ali-ccp"
+    cli("--train", d / "ali_ccp_train_sample.csv", "--valid", d / "ali_ccp_val_sample.csv", "--test",
+        d / "ali_ccp_test_sample.csv", "--label", "click", "--label", "purchase", "--depends-on", "purchase:click",
+        "--out", tmp_path / "ali")
+    job = JobConfig(data=DataPaths(str(tmp_path / "ali"), str(tmp_path / "ali" / "spec.yaml")),
+                    model=ModelConfig(name="esmm"), train=TrainConfig(epochs=1, batch_size=32, num_workers=2),
+                    name="ali", output=str(tmp_path / "out"), storage_path=str(tmp_path / "store"))
+    metrics = run(job)
+    assert metrics["test"]["rows"] == 50 and np.isfinite(metrics["test"]["click"]["auc"])
+    assert (tmp_path / "out" / "checkpoint" / "state.pt").exists()
+

@@ -83,3 +83,23 @@ def test_synthetic_pipeline_batches(small_log, spec, ray_local):
     assert bool((batch["sparse"] < sizes).all()) and bool((batch["sparse"] >= 0).all())
     assert "oracle" not in next(iter(ds["train"].iter_torch_batches(batch_size=8)))
     assert sum(len(b["labels"]) for b in ds["train"].iter_batches(batch_size=4096, batch_format="numpy")) == 60_000
+
+
+def test_drop_policy_marks_bad_rows_and_fits_without_them(ray_local):
+    """on_bad_rows: drop: the fit skips bad rows (a NaN would poison the dense mean) and the transform marks
+    them (keep=False) with harmless values; identity-encoded ids map id i to row i + 1."""
+    raw = {**TINY, "sparse": TINY["sparse"] + [{"name": "pos", "num_ids": 4, "dim": 4}]}
+    spec = from_dict(DatasetSpec, raw)
+    t = pa.table({"u": [7, 5, None, 5], "s": ["a", "b", "a", "c"], "h": [1, 2, 3, -4],
+                  "hist": [[1], [2, -1], [2], [3]], "x": [1.0, np.nan, 3, 4], "price": [1.0, 2, -3, 4],
+                  "click": [0, 1, 2, 1], "pos": [0, 3, 4, 2]})
+    pre = Preprocessor.fit(ray_local.data.from_arrow(t), spec, drop_bad_rows=True)
+    assert pre.train_rows == 1  # only row 0 is clean
+    assert pre.dense_mean[0] == pytest.approx(1.0)
+    out = pre.transform(t)
+    assert out["keep"].tolist() == [True, False, False, False]
+    assert out["sparse"][:, 3].tolist() == [1, 4, 0, 3]  # pos i -> i + 1; row 2's 4 is out of range -> 0
+    assert out["sparse"].min() >= 0 and out["labels"].shape == (4, 1)
+    kept = Preprocessor.from_state_dict(pre.state_dict(), spec)  # fail policy: no keep column
+    assert "keep" not in kept.transform(t.slice(0, 1))
+

@@ -2,6 +2,7 @@
 that names the file, the column and the count."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -24,7 +25,7 @@ def test_spec_derives_shared_tables(spec):
 @pytest.mark.parametrize("raw, message", [
     ({"name": "x", "tasks": []}, "at least one task"),
     ({"name": "x", "tasks": [{"name": "a", "depends_on": "b"}]}, "unknown task 'b'"),
-    ({"name": "x", "tasks": [{"name": "a"}], "sparse": [{"name": "u"}]}, "needs vocab_size or hash_buckets"),
+    ({"name": "x", "tasks": [{"name": "a"}], "sparse": [{"name": "u"}]}, "needs vocab_size, hash_buckets or num_ids"),
     ({"name": "x", "tasks": [{"name": "a"}], "sparse": [{"name": "u", "vocab_size": 9, "hash_buckets": 9}]}, "both"),
     ({"name": "x", "tasks": [{"name": "a"}], "sparse": [{"name": "u", "vocab_size": 9, "color": 1}]}, r"unknown keys \['color'\]"),
     ({"name": "x", "tasks": [{"name": "a"}], "sequences": [{"name": "s", "vocab_size": 9, "pooling": "median"}]}, "pooling"),
@@ -44,7 +45,9 @@ def test_job_config_round_trips():
 
 
 def test_generated_log_is_valid(small_log, spec):
-    assert validate_dataset(str(small_log), spec) == {"train": 60_000, "valid": 10_000, "test": 10_000}
+    report = validate_dataset(str(small_log), spec)
+    assert report.rows == {"train": 60_000, "valid": 10_000, "test": 10_000}
+    assert report.dropped == {"train": 0, "valid": 0, "test": 0}
 
 
 def _corrupt(small_log, tmp_path, edit):
@@ -123,3 +126,84 @@ def test_empty_split(small_log, spec, tmp_path):
         f.unlink()
     with pytest.raises(DataValidationError, match=r"no \.parquet files in split 'test'"):
         validate_dataset(str(bad), spec)
+
+
+def test_negative_ids_in_sparse_and_sequence_columns(small_log, spec, tmp_path):
+    def edit(t):
+        users = t["user_id"].to_numpy().copy()
+        users[:3] = -1
+        hist = t["hist_category"].to_pylist()
+        hist[10] = [5, -7, 2]  # one bad id makes its row bad
+        hist[11] = [-1]
+        return _set(_set(t, "user_id", pa.array(users)), "hist_category", pa.array(hist, pa.list_(pa.int64())))
+    bad, f = _corrupt(small_log, tmp_path, edit)
+    with pytest.raises(DataValidationError) as e:
+        validate_dataset(str(bad), spec)
+    assert f"{f}: column 'user_id': 3 of 20000 rows have a negative id; " \
+           "column 'hist_category': 2 of 20000 rows have a negative id" in str(e.value)
+
+
+def test_ids_outside_num_ids(small_log, spec, tmp_path):
+    """An identity-encoded (pre-encoded) feature: ids must lie in [0, num_ids)."""
+    raw = dataclasses.asdict(spec)
+    raw["sparse"] = [f if f["name"] != "position" else {"name": "position", "num_ids": 20, "dim": 16}
+                     for f in raw["sparse"]]
+    identity = from_dict(DatasetSpec, raw)
+    assert identity.tables["position"].encoding == "identity" and identity.tables["position"].num_rows == 21
+    validate_dataset(str(small_log), identity)  # positions are 0..19
+
+    def edit(t):
+        pos = t["position"].to_numpy().copy()
+        pos[[0, 5]] = 20
+        pos[7] = -2
+        return _set(t, "position", pa.array(pos))
+    bad, f = _corrupt(small_log, tmp_path, edit)
+    with pytest.raises(DataValidationError, match=rf"{f}: column 'position': 3 of 20000 rows have an id outside \[0, 20\)"):
+        validate_dataset(str(bad), identity)
+    bad_type, g = _corrupt(small_log, tmp_path / "t", lambda t: _set(t, "position", t["position"].cast(pa.string())))
+    with pytest.raises(DataValidationError, match=rf"{g}: column 'position': type string is not an integer id"):
+        validate_dataset(str(bad_type), identity)
+
+
+def test_corrupt_file_and_empty_split(small_log, spec, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(small_log, bad)
+    f = sorted((bad / "train").glob("*.parquet"))[2]
+    f.write_bytes(b"PAR1" + bytes(range(256)) * 40 + b"PAR1")  # magic bytes, garbage inside
+    with pytest.raises(DataValidationError, match=rf"{f}: not a readable Parquet file"):
+        validate_dataset(str(bad), spec)
+    empty = tmp_path / "empty"
+    shutil.copytree(small_log, empty)
+    for g in (empty / "test").glob("*.parquet"):
+        pq.write_table(pq.read_table(g).slice(0, 0), g)  # valid files, no rows
+    with pytest.raises(DataValidationError, match=r"split 'test' has 0 rows in 1 file\(s\)"):
+        validate_dataset(str(empty), spec)
+
+
+def _many_problems(t):
+    """Problems on 7 rows of one file, rows 0 and 1 with two each: 9 problems, 7 bad rows."""
+    click, convert = t["click"].to_numpy().copy(), t["convert"].to_numpy().copy()
+    click[0], convert[0] = 3, 1                # row 0: a label outside {0, 1}, and so a convert without click
+    unclicked = np.flatnonzero(click == 0)
+    convert[unclicked[unclicked > 100][:2]] = 1  # 2 more rows: a conversion without a click
+    price = t["item_price"].to_numpy().copy()
+    price[[1, 50]] = [np.inf, np.nan]          # rows 1 and 50: not finite
+    users = t["user_id"].to_numpy().copy()
+    users[[1, 60]] = -5                        # rows 1 and 60: a negative id
+    device = t["device"].to_pylist()
+    device[70] = None                          # row 70: null
+    for name, values in (("click", click), ("convert", convert), ("item_price", price), ("user_id", users)):
+        t = _set(t, name, pa.array(values))
+    return _set(t, "device", pa.array(device, pa.int64()))
+
+
+def test_drop_policy_counts_every_bad_row_once(small_log, spec, tmp_path):
+    bad, f = _corrupt(small_log, tmp_path, _many_problems)
+    with pytest.raises(DataValidationError, match=rf"{f}: column 'user_id': 2 of 20000 rows have a negative id"):
+        validate_dataset(str(bad), spec)  # fail is the default
+    report = validate_dataset(str(bad), spec, on_bad_rows="drop")
+    assert report.bad_rows["train"] == {"user_id/negative_id": 2, "device/null": 1, "click/not_binary": 1,
+                                        "convert/funnel": 3, "item_price/not_finite": 2}
+    assert report.dropped == {"train": 7, "valid": 0, "test": 0}
+    assert report.rows == {"train": 60_000, "valid": 10_000, "test": 10_000}
+    assert report.metrics()["data/train/bad/convert/funnel"] == 3 and report.metrics()["data/train/dropped"] == 7

@@ -78,7 +78,9 @@ def test_two_worker_run_learns_and_resumes(ray_local, small_log, tmp_path):
         assert np.isfinite(metrics["test"][task]["logloss"])
     assert "cvr_auc" in metrics["test"]["convert"] and "oracle_cvr_auc" in metrics["test"]["convert"]
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
-    assert all(h["train/rows"] == 60_000 for h in metrics["history"])  # every train row, no drops
+    # every train row read and trained, every epoch: no silent drops
+    assert all(h["train/rows_read"] == h["train/rows_trained"] == 60_000 for h in metrics["history"])
+    assert metrics["data"]["train"] == {"rows": 60_000, "dropped": 0}
     assert metrics["valid"]["rows"] == 10_000 and metrics["test"]["rows"] == 10_000
     # model selection used validation: the final model is the best validation epoch's
     best = max(metrics["history"], key=lambda h: h["valid/mean_auc"])
