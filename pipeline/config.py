@@ -219,11 +219,18 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     cpus_per_worker: Optional[float] = None  # None: sized from the cluster, leaving Data headroom
-    shuffle_buffer: int = 20000  # local shuffle buffer per worker (rows)
+    # per-epoch shuffle: a new file order, and the rows of every shuffle_window rows of a file permuted by the
+    # preprocessing tasks (0: no permutation); shuffle_buffer > 0 adds Ray's local shuffle buffer on each
+    # worker, mixing across files too, at a cost in throughput (13 % for PLE on 2 cores)
+    shuffle_window: int = 16384
+    shuffle_buffer: int = 0
     max_failures: int = 2
     seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32) | fp32 | bf16
 
     def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.early_stop_metric not in ("mean_auc", "min_auc", "weighted_auc"):
             raise ConfigError(f"train.early_stop_metric must be mean_auc, min_auc or weighted_auc, got {self.early_stop_metric!r}")
 

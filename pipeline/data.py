@@ -1,13 +1,15 @@
 """Ray Data ingest: Parquet splits -> preprocessing fit on train -> model-ready tensor batches.
 
 The data path is one straight line: ``read_parquet`` (column selection, file order shuffled per epoch for
-train) -> ``map_batches(Preprocessor.transform)`` -> streaming split across Train workers ->
-``iter_torch_batches``. Nothing is materialised: each epoch re-streams the files.
+train) -> ``map_batches(Preprocessor.transform)`` (train: rows permuted within each batch) -> streaming
+split across Train workers -> ``iter_torch_batches``. Nothing is materialised: each epoch re-streams the
+files.
 
 A transformed batch holds four packed arrays instead of one column per feature, so a worker converts
 a handful of tensors per batch:
-    sparse [B, F] int64   table-local indices, 0 = out of vocabulary
-    seq    [B, S, L] int64 most recent L ids of each sequence feature, 0 = padding
+    sparse [B, F] int32   table-local indices, 0 = out of vocabulary (int32: half the bytes of int64
+                           through the Data path; every table has far fewer than 2**31 rows)
+    seq    [B, S, L] int32 most recent L ids of each sequence feature, 0 = padding
     dense  [B, D] float32  normalised
     labels [B, T] float32  (and oracle [B, T] float32 on evaluation splits of synthetic data)
     keep   [B] bool        only under ``on_bad_rows: drop``: False for a bad row, which the worker counts
@@ -23,12 +25,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
-import torch
 
 from pipeline.config import DatasetSpec
 from pipeline.validate import as_floats, bad_row_masks, split_files
 
 FIT_BATCH_ROWS = 65_536
+IDS = np.int32  # encoded ids
 _REDUCE_EVERY = 2_000_000  # merge partial value counts once this many (value, count) pairs pile up
 
 
@@ -44,6 +46,8 @@ class Preprocessor:
     dense_std: np.ndarray = None
     train_rows: int = 0
     drop_bad_rows: bool = False  # on_bad_rows: drop (a job setting, not saved with the state)
+    # integer vocabularies sorted for np.searchsorted, built once per process (derived, never saved)
+    _sorted: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ fit
 
@@ -94,12 +98,12 @@ class Preprocessor:
         if self.drop_bad_rows:  # bad values below are encoded harmlessly; their rows are never used
             masks = bad_row_masks(batch, spec)
             out["keep"] = ~np.logical_or.reduce([m for *_, m in masks]) if masks else np.ones(n, bool)
-        out["sparse"] = np.zeros((n, len(spec.sparse)), dtype=np.int64)
+        out["sparse"] = np.zeros((n, len(spec.sparse)), dtype=IDS)
         for j, f in enumerate(spec.sparse):
             out["sparse"][:, j] = self._encode(batch[f.name].combine_chunks(), f.table_name)
         if spec.sequences:
             max_len = max(s.max_len for s in spec.sequences)
-            out["seq"] = np.zeros((n, len(spec.sequences), max_len), dtype=np.int64)
+            out["seq"] = np.zeros((n, len(spec.sequences), max_len), dtype=IDS)
             for j, s in enumerate(spec.sequences):
                 out["seq"][:, j, : s.max_len] = self._encode_sequence(batch[s.name].combine_chunks(), s)
         if spec.dense:
@@ -119,15 +123,28 @@ class Preprocessor:
             values = values.fill_null(pa.scalar("" if pa.types.is_string(values.type) else 0, values.type))
         if t.encoding == "identity":
             ids = values.to_numpy(zero_copy_only=False).astype(np.int64)
-            return np.where((ids >= 0) & (ids < t.num_ids), ids + 1, 0)
+            return np.where((ids >= 0) & (ids < t.num_ids), ids + 1, 0).astype(IDS)
         if t.encoding == "hash":
             raw = values.to_numpy(zero_copy_only=False)
-            return (pd.util.hash_array(raw.astype(object) if raw.dtype.kind in "OU" else raw)
-                    % np.uint64(t.num_rows - 1)).astype(np.int64) + 1
+            return ((pd.util.hash_array(raw.astype(object) if raw.dtype.kind in "OU" else raw)
+                     % np.uint64(t.num_rows - 1)) + 1).astype(IDS)
         vocab = self.vocab[table]
+        if pa.types.is_integer(values.type) and pa.types.is_integer(vocab.type):
+            # a binary search in the sorted vocabulary: pc.index_in would hash the whole vocabulary again
+            # for every batch (the largest cost of the transform on a 100k-id vocabulary)
+            if table not in self._sorted:
+                raw = vocab.to_numpy().astype(np.int64)
+                order = np.argsort(raw, kind="stable")
+                self._sorted[table] = raw[order], (order + 1).astype(IDS)
+            keys, rows = self._sorted[table]
+            if len(keys) == 0:
+                return np.zeros(len(values), IDS)
+            ids = values.to_numpy(zero_copy_only=False).astype(np.int64)
+            pos = np.searchsorted(keys, ids).clip(max=len(keys) - 1)
+            return np.where(keys[pos] == ids, rows[pos], 0).astype(IDS)
         if vocab.type != values.type:
             vocab = vocab.cast(values.type)
-        return pc.index_in(values, value_set=vocab).fill_null(-1).to_numpy().astype(np.int64) + 1
+        return (pc.index_in(values, value_set=vocab).fill_null(-1).to_numpy() + 1).astype(IDS)
 
     def _encode_sequence(self, values: pa.Array, s) -> np.ndarray:
         """Keep the last ``max_len`` entries of each list (the most recent), right-padded with 0."""
@@ -140,13 +157,15 @@ class Preprocessor:
         rows = np.repeat(np.arange(n), keep)
         cols = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
         src = np.repeat(offsets[1:] - keep, keep) + cols
-        out = np.zeros((n, max_len), dtype=np.int64)
+        out = np.zeros((n, max_len), dtype=IDS)
         out[rows, cols] = codes[src]
         return out
 
     # ------------------------------------------------------------------ save / load
 
     def state_dict(self) -> dict[str, Any]:
+        import torch  # here, not at the top: the Data tasks that run transform() need no torch (0.75 s to import)
+
         return {
             "vocab": {k: (torch.from_numpy(v.to_numpy(zero_copy_only=False).astype(np.int64))
                           if pa.types.is_integer(v.type) else v.to_pylist()) for k, v in self.vocab.items()},
@@ -157,12 +176,14 @@ class Preprocessor:
 
     @staticmethod
     def from_state_dict(state: dict[str, Any], spec: DatasetSpec, drop_bad_rows: bool = False) -> "Preprocessor":
+        import torch
+
         vocab = {k: pa.array(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in state["vocab"].items()}
         return Preprocessor(spec, vocab, state["dense_mean"].numpy(), state["dense_std"].numpy(), state["train_rows"],
                             drop_bad_rows)
 
 
-def without_bad_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def without_bad_rows(batch: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
     """A worker's batch without the rows the preprocessing marked bad (on_bad_rows: drop)."""
     keep = batch["keep"]
     return {k: v[keep] for k, v in batch.items() if k != "keep"}
@@ -188,12 +209,28 @@ def read_split(path: str, split: str, spec: DatasetSpec, shuffle_files: bool = F
     return ds.select_columns(columns)  # pushed down into the Parquet reader
 
 
-def build_datasets(path: str, spec: DatasetSpec, preprocessor: Preprocessor,
-                   splits=("train", "valid", "test"), batch_rows: int = 8192) -> dict[str, ray.data.Dataset]:
-    """Model-ready datasets per split. Train files are read in a new random order every epoch; rows are
-    further mixed by each worker's local shuffle buffer."""
-    return {
-        split: read_split(path, split, spec, shuffle_files=(split == "train")).map_batches(
-            preprocessor.transform, batch_format="pyarrow", batch_size=batch_rows)
-        for split in splits
-    }
+def build_datasets(path: str, spec: DatasetSpec, preprocessor: Preprocessor, splits=("train", "valid", "test"),
+                   batch_rows: int = 8192, shuffle_window: int = 16384) -> dict[str, ray.data.Dataset]:
+    """Model-ready datasets per split. Train files are read in a new random order every epoch and the rows
+    of each preprocessing batch (``shuffle_window`` rows of one file) are permuted, by the Data tasks."""
+    out = {}
+    for split in splits:
+        train = split == "train" and shuffle_window > 0
+        out[split] = read_split(path, split, spec, shuffle_files=(split == "train")).map_batches(
+            PermutedTransform(preprocessor) if train else preprocessor.transform, batch_format="pyarrow",
+            batch_size=shuffle_window if train else batch_rows)
+    return out
+
+
+class PermutedTransform:
+    """The preprocessing, then a random permutation of the batch's rows: the within-file part of the
+    per-epoch shuffle, done by the Data tasks. (Ray's local shuffle buffer does it on the training worker,
+    where it cost 13 % of PLE's training throughput on 2 cores; docs/NOTES.md.)"""
+
+    def __init__(self, preprocessor: Preprocessor) -> None:
+        self.preprocessor = preprocessor
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        out = self.preprocessor.transform(batch)
+        order = np.random.default_rng().permutation(batch.num_rows)  # fresh entropy: a new order every epoch
+        return {k: v[order] for k, v in out.items()}

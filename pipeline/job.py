@@ -57,6 +57,10 @@ def connect_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one line per operator per update floods job logs
+    # Parquet through Ray Data's V1 datasource: the V2 one (the 2.60 default) lists the files in a task of
+    # its own first, which put 2-4 s before every epoch's first batch here (V1: 0.4-1.3 s) for the same
+    # steady throughput (bench/results/throughput.md, docs/NOTES.md)
+    ctx.use_datasource_v2 = False
 
 
 def scaling_for_cluster(cfg: TrainConfig) -> tuple[ScalingConfig, int]:
@@ -157,6 +161,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     scaling, threads = scaling_for_cluster(job.train)
     print(f"workers: {scaling.num_workers} x {scaling.resources_per_worker} ({threads} torch threads each)")
 
+    datasets = build_datasets(job.data.path, spec, pre, shuffle_window=job.train.shuffle_window)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -165,7 +170,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=scaling,
-        datasets=build_datasets(job.data.path, spec, pre),
+        datasets=datasets,
         dataset_config=ExactSplitDataConfig(),
         run_config=RunConfig(
             name=job.name, storage_path=storage,

@@ -40,6 +40,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(loop_config["torch_threads"])
     torch.manual_seed(cfg.seed)  # same initial weights on every worker; DDP also broadcasts them
     device = ray.train.torch.get_device()
+    autocast = mixed_precision(cfg.precision, device)
 
     model = build_model(spec, job.model)
     weighting = LossWeighting(spec.task_names, cfg)
@@ -73,18 +74,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         rows = torch.zeros(2, device=device)  # read, trained
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + epoch, device=device, prefetch_batches=2)
+            local_shuffle_seed=cfg.seed + epoch, device=device, prefetch_batches=2, pin_memory=device.type == "cuda")
         # shards can differ by a batch or two (no rows are dropped to equalise them); Join lets a worker
         # that runs out early shadow the others' all-reduces instead of hanging them
+        first_batch_seconds, first_rows = None, 0
         with Join([model]) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext():
             for batch in batches:
+                if first_batch_seconds is None:  # the data pipeline's start-up latency, paid once per epoch
+                    first_batch_seconds, first_rows = time.time() - t0, batch["labels"].shape[0]
                 rows[0] += batch["labels"].shape[0]
                 if "keep" in batch:  # on_bad_rows: drop
                     batch = without_bad_rows(batch)
                     if batch["labels"].shape[0] == 0:
                         continue
-                out = model(batch)
-                per_task = module.task_losses(out, batch["labels"])
+                with autocast:
+                    out = model(batch)
+                    per_task = module.task_losses(out, batch["labels"])
                 weighting.gradnorm_step(per_task, module.shared_parameter())
                 loss = weighting(per_task) + module.regularizer(out, batch["labels"])
                 optimizer.zero_grad(set_to_none=True)
@@ -99,12 +104,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             dist.all_reduce(loss_sum)
             dist.all_reduce(rows)
         rows_read, n_rows = rows.tolist()
+        steady_seconds = train_seconds - (first_batch_seconds or 0.0)
         metrics = {"epoch": epoch, "train/rows_read": rows_read, "train/rows_trained": n_rows, "train/seconds": train_seconds,
                    "train/samples_per_s": n_rows / max(train_seconds, 1e-9),
+                   "train/first_batch_seconds": first_batch_seconds or 0.0,
+                   # after the first batch (per worker, as rank 0 saw it): the steady state that the start-up hides
+                   "train/steady_samples_per_s": (n_rows - first_rows * ctx.get_world_size()) / max(steady_seconds, 1e-9),
                    "train/loss": loss_sum[0].item() / max(n_rows, 1)}
         metrics |= {f"train/{t}/loss": loss_sum[j + 1].item() / max(n_rows, 1) for j, t in enumerate(spec.task_names)}
         metrics |= {f"train/{k}": v for k, v in weights_used.items()}
-        metrics |= _evaluate(module, "valid", spec, cfg)  # rank 0 only; others get {}
+        metrics |= _evaluate(module, "valid", spec, cfg, autocast)  # rank 0 only; others get {}
 
         if rank == 0:
             score = metrics[f"valid/{cfg.early_stop_metric}"]
@@ -126,17 +135,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     best_model = _broadcast(best_model)
     module.load_state_dict(best_model)
     final = {"epoch": progress["epoch"] - 1, "best_epoch": progress["best_epoch"], "resumes": progress["resumes"], "final": 1}
-    final |= _evaluate(module, "valid", spec, cfg)
-    final |= _evaluate(module, "test", spec, cfg)
+    final |= _evaluate(module, "valid", spec, cfg, autocast)
+    final |= _evaluate(module, "test", spec, cfg, autocast)
     _report(final, rank, {"model": last_model, "optimizer": optimizer.state_dict(), "best_model": best_model,
                           "weighting": weighting.state_dict(), "progress": progress}, loop_config, final=True)
 
 
-def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, cfg) -> dict[str, float]:
+def mixed_precision(precision: str, device: torch.device):
+    """bf16 autocast for the forward pass and the losses ("auto": on GPUs that support bf16), else a no-op."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, cfg, autocast) -> dict[str, float]:
     shard = ray.train.get_dataset_shard(split)
     gates = GateStats()
-    local = predict_shard(module, shard.iter_torch_batches(batch_size=cfg.batch_size * 4,
-                                                           device=ray.train.torch.get_device()), len(spec.tasks), gates)
+    device = ray.train.torch.get_device()
+    batches = shard.iter_torch_batches(batch_size=cfg.batch_size * 4, device=device, pin_memory=device.type == "cuda")
+    with autocast:
+        local = predict_shard(module, batches, len(spec.tasks), gates)
     gathered = gather_to_rank0(local)
     gate_states = gather_to_rank0({"gates": gates.state()}, concat=False)
     if gathered is None:

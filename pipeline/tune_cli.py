@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from pipeline.config import DataPaths
-from pipeline.tuning import TuneSpace, tune_model, write_results
+from pipeline.tuning import TuneSpace, compare_with_default, tune_model, write_results
 
 
 def main(default_space: str | None, argv: list[str] | None = None) -> dict:
@@ -20,6 +20,8 @@ def main(default_space: str | None, argv: list[str] | None = None) -> dict:
     p.add_argument("--num-samples", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--trial-workers", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip training the starting config and best.yaml once more to compare them on test")
     a = p.parse_args(argv)
 
     from pipeline.job import connect_ray
@@ -49,4 +51,6 @@ def main(default_space: str | None, argv: list[str] | None = None) -> dict:
     print(f"best trial {summary['best_trial']}: validation {space.objective} {summary['valid_objective']:.4f}; "
           f"{summary['trials']} trials ({summary['failed']} failed); wrote {out}/results.md, best.yaml, pareto.png")
     print(f"TensorBoard: tensorboard --logdir {storage}/{name}")
+    if not a.no_compare:
+        summary["test"] = compare_with_default(space, job, out)
     return summary

@@ -180,7 +180,7 @@ def write_results(results: tune.ResultGrid, space: TuneSpace, job: JobConfig, ou
     best_result = next(r for r in results if Path(r.path).name == best["trial"])
     best_job = merge_overrides(from_dict(JobConfig, best_result.config["__base__"]),
                                {k: v for k, v in best_result.config.items() if k != "__base__"})
-    best_job.name, best_job.output = "best", str(out / "best_run")
+    best_job.name, best_job.output = f"{job.name}-best", str(out / "best_run")
     (out / "best.yaml").write_text(
         f"# best trial {best['trial']} of {len(ok)} (validation {space.objective} {best['valid_objective']:.4f})\n"
         + yaml.safe_dump(best_job.to_dict(), sort_keys=False))
@@ -223,4 +223,29 @@ def _plot_pareto(ok: pd.DataFrame, tasks: list[str], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def compare_with_default(space: TuneSpace, job: JobConfig, out: Path) -> dict[str, Any]:
+    """Train the search's starting config (its ``base``, nothing tuned) and the exported best.yaml, each
+    chosen on validation and evaluated once on test; writes comparison.md and returns both test objectives."""
+    from pipeline.job import run
+
+    default = from_dict(JobConfig, job.to_dict())
+    default.name, default.output = f"{job.name}-default", str(out / "default_run")
+    best = JobConfig.load(out / "best.yaml")
+    default.train.num_workers = best.train.num_workers  # as many workers as the trials had
+    tasks = _tasks(job)
+    results = {"default": run(default), "best": run(best)}
+    metric = space.objective
+    lines = [f"Test split: the search's starting config vs its best trial's config (objective: {metric})", "",
+             "| config | " + " | ".join(f"test {t} AUC" for t in tasks) + f" | test {metric} | valid {metric} |",
+             "|---" * (len(tasks) + 3) + "|"]
+    for label, m in results.items():
+        lines.append(f"| {label} | " + " | ".join(f"{m['test'][t]['auc']:.4f}" for t in tasks)
+                     + f" | {m['test'][metric]:.4f} | {m['valid'][metric]:.4f} |")
+    gain = results["best"]["test"][metric] - results["default"]["test"][metric]
+    lines += ["", f"best - default on the test {metric}: {gain:+.4f}"]
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return {label: m["test"][metric] for label, m in results.items()}
 

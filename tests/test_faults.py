@@ -68,8 +68,10 @@ def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(ray_local, sm
     assert metrics["resumes"] == 1  # the worker group restarted once, from the epoch-0 checkpoint
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
     assert all(h["train/rows_read"] == h["train/rows_trained"] == 60_000 for h in metrics["history"])
+    # within noise: the two runs see their rows in different random orders, and the standard error of a
+    # 10k-row test AUC here (~800 clicks) is about 0.01
     for task in ("click", "convert"):
-        assert metrics["test"][task]["auc"] == pytest.approx(uninterrupted["test"][task]["auc"], abs=0.01)
+        assert metrics["test"][task]["auc"] == pytest.approx(uninterrupted["test"][task]["auc"], abs=0.02)
 
 
 def test_a_failed_run_keeps_its_checkpoint_and_a_rerun_resumes(ray_local, small_log, tmp_path):

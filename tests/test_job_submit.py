@@ -86,7 +86,7 @@ def test_ray_job_submit_runs_the_training_job(head_node, small_log, tmp_path):
     out = tmp_path / "out"
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(repo), "--",
            "python", "jobs/train_ple.py", "--data", str(small_log), "--spec", "pipeline/specs/synthetic.yaml", "--workers", "2", "--epochs", "1",
-           "--batch-size", "1024", "--name", "submitted", "--output", str(out), "--storage-path", str(tmp_path / "store")]
+           "--batch-size", "512", "--lr", "0.003", "--name", "submitted", "--output", str(out), "--storage-path", str(tmp_path / "store")]
     job = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=AUTH)
     logs = job.stdout + job.stderr
     assert job.returncode == 0, logs[-5000:]

@@ -75,7 +75,7 @@ def test_synthetic_pipeline_batches(small_log, spec, ray_local):
     assert pre.train_rows == 60_000
     ds = build_datasets(str(small_log), spec, pre, splits=("train", "valid"))
     batch = next(iter(ds["valid"].iter_torch_batches(batch_size=512)))
-    assert batch["sparse"].shape == (512, len(spec.sparse)) and batch["sparse"].dtype == torch.int64
+    assert batch["sparse"].shape == (512, len(spec.sparse)) and batch["sparse"].dtype == torch.int32
     assert batch["seq"].shape == (512, 1, 20)
     assert batch["dense"].shape == (512, 3) and batch["labels"].shape == (512, 2)
     assert batch["oracle"].shape == (512, 2)

@@ -1,0 +1,143 @@
+"""What the benchmarks share: the machine line, the in-memory data they compare against, the tight
+training loop that is the ceiling for a model on this machine, and the result files."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Ray workers of the local instance a benchmark starts import this module and the package from here
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+
+from pipeline.config import DatasetSpec, ModelConfig  # noqa: E402
+from pipeline.data import Preprocessor  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.validate import split_files  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine() -> dict:
+    import ray
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "cores": os.cpu_count(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "platform": platform.platform()}
+
+
+def write_result(name: str, title: str, rows: list[dict], notes: list[str], command: str) -> Path:
+    """bench/results/<name>.md (table + machine + command) and <name>.json; prints the table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    m = machine()
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cell = lambda v: f"{v:,.3f}" if isinstance(v, float) and abs(v) < 10 else (f"{v:,.0f}" if isinstance(v, float) else str(v))  # noqa: E731
+    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    table += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    text = "\n".join([f"# {title}", "", *table, "", *[f"- {n}" for n in notes], "",
+                      f"Command: `{command}`", "",
+                      "Machine: " + ", ".join(f"{k} {v}" for k, v in m.items()), ""])
+    (RESULTS / f"{name}.md").write_text(text)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"title": title, "rows": rows, "notes": notes,
+                                                      "command": command, "machine": m}, indent=2, default=float))
+    print(text)
+    return RESULTS / f"{name}.md"
+
+
+def preprocessed_rows(data: str, spec: DatasetSpec, pre: Preprocessor, rows: int) -> dict[str, np.ndarray]:
+    """The first ``rows`` train rows, read with pyarrow and preprocessed once: the in-memory data of the
+    tight loop and of the peers."""
+    _, files = split_files(data, "train")
+    parts, n = [], 0
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536, columns=spec.feature_columns + spec.label_columns):
+            import pyarrow as pa
+
+            parts.append(pre.transform(pa.Table.from_batches([batch])))
+            n += batch.num_rows
+            if n >= rows:
+                break
+        if n >= rows:
+            break
+    return {k: np.concatenate([p[k] for p in parts])[:rows] for k in parts[0]}
+
+
+def quiet_limit(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray], batch_size: int,
+                lr: float) -> float:
+    """The tight loop's samples/s with no Ray instance running beside it (Ray's idle daemons and actors
+    would lower the ceiling); Ray is started again afterwards."""
+    import ray
+
+    from pipeline.job import connect_ray
+
+    ray.shutdown()
+    try:
+        return tight_loop(spec, model_cfg, tensors, batch_size, lr)
+    finally:
+        connect_ray()
+
+
+def limit_in_a_train_worker(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray],
+                            batch_size: int, lr: float) -> float:
+    """The same tight loop run inside a 1-worker Ray Train run (its worker reserves 1 CPU and uses 2 torch
+    threads, as the pipeline's does): what Ray's worker environment alone costs, without any Data."""
+    import ray
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def loop(config: dict) -> None:
+        sps = tight_loop(spec, model_cfg, ray.get(config["tensors"][0]), batch_size, lr)
+        with tempfile.TemporaryDirectory() as d:  # Result.metrics holds the reports that carry a checkpoint
+            ray.train.report({"samples_per_s": sps}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    with tempfile.TemporaryDirectory() as storage:
+        result = TorchTrainer(loop, train_loop_config={"tensors": [ray.put(tensors)]},
+                              scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                              run_config=RunConfig(name="limit-in-worker", storage_path=storage)).fit()
+    return result.metrics["samples_per_s"]
+
+
+def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray], batch_size: int, lr: float,
+               seed: int = 0, warmup_steps: int = 5) -> float:
+    """Samples/s of the training step alone: the same model, batch size, loss and optimiser as the pipeline's
+    loop, over tensors already in memory, in one process with all the cores (the ceiling on this machine)."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(os.cpu_count())
+    model = build_model(spec, model_cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    data = {k: torch.from_numpy(v) for k, v in tensors.items()}
+    n = len(data["labels"])
+    starts = list(range(0, n - batch_size + 1, batch_size))
+
+    def step(i: int) -> None:
+        batch = {k: v[i:i + batch_size] for k, v in data.items()}
+        out = model(batch)
+        loss = model.task_losses(out, batch["labels"]).sum() + model.regularizer(out, batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for i in starts[:warmup_steps]:
+        step(i)
+    t0 = time.perf_counter()
+    for i in starts:
+        step(i)
+    return len(starts) * batch_size / (time.perf_counter() - t0)
