@@ -15,7 +15,7 @@ import torch
 from common import write_result
 
 from pipeline.config import DataPaths, DatasetSpec, JobConfig
-from pipeline.data import build_datasets, read_split
+from pipeline.data import PREPROCESS_BATCH_ROWS, build_datasets, read_split
 from pipeline.job import connect_ray, default_synthetic_data, fit_or_load_preprocessor
 from pipeline.synthetic import SPEC_PATH
 from pipeline.validate import split_files
@@ -38,7 +38,7 @@ def timed(batches) -> tuple[int, float]:
 def pyarrow_batches(files: list[str], columns: list[str], transform=None):
     """Plain pyarrow: each file's record batches -> (optionally preprocessed) numpy -> torch, BATCH rows at a time."""
     for f in files:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=8 * BATCH, columns=columns):
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=PREPROCESS_BATCH_ROWS, columns=columns):
             table = pa.Table.from_batches([rb])
             arrays = transform(table) if transform else {c: table[c].to_numpy() for c in columns}
             tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
@@ -63,7 +63,9 @@ def main() -> None:
         ("raw columns", lambda: read_split(data, "train", spec).select_columns(cols).iter_torch_batches(batch_size=BATCH),
          lambda: pyarrow_batches(files, cols)),
         ("preprocessed (worker input)",
-         lambda: build_datasets(data, spec, pre, splits=("train",))["train"].iter_torch_batches(batch_size=BATCH),
+         # the evaluation splits' path: the same transform on both sides (train adds a row permutation)
+         lambda: build_datasets(data, spec, pre, splits=("train",), shuffle_window=0)["train"].iter_torch_batches(
+             batch_size=BATCH),
          lambda: pyarrow_batches(files, spec.feature_columns + spec.label_columns, pre.transform)),
     ]:
         timed(ray_batches())  # warm-up: worker processes started, files in the page cache
@@ -76,8 +78,8 @@ def main() -> None:
                  [f"{a.train_rows:,} rows of the default synthetic log's train split ({len(files)} Parquet files), "
                   f"batches of {BATCH} rows, one pass each after a warm-up pass",
                   f"raw columns: {len(cols)} flat columns (ids, dense, labels); preprocessed: our Preprocessor.transform "
-                  "in both (vocabulary/hash encoding, sequence padding, normalisation), Ray Data running it as "
-                  "map_batches tasks, pyarrow in-process"],
+                  f"on {PREPROCESS_BATCH_ROWS:,}-row batches in both (vocabulary/hash encoding, sequence padding, "
+                  "normalisation), Ray Data running it as map_batches tasks, pyarrow in-process"],
                  "python bench/ingest.py")
 
 

@@ -27,6 +27,11 @@ from pipeline.job import connect_ray, default_synthetic_data, fit_or_load_prepro
 from pipeline.synthetic import SPEC_PATH
 
 
+# torch-rechub concatenates its sparse embeddings along a feature axis, so every table gets one dim; ours
+# take the same (ModelConfig.embedding_dim)
+DIM = 16
+
+
 def rechub_inputs(spec: DatasetSpec, tensors: dict[str, np.ndarray]):
     """torch-rechub feature objects and its x dict / y array for the same preprocessed rows."""
     from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
@@ -34,13 +39,13 @@ def rechub_inputs(spec: DatasetSpec, tensors: dict[str, np.ndarray]):
     features, x, owner = [], {}, {}
     for j, f in enumerate(spec.sparse):
         table = spec.tables[f.table_name]
-        features.append(SparseFeature(f.name, vocab_size=table.num_rows, embed_dim=table.dim,
+        features.append(SparseFeature(f.name, vocab_size=table.num_rows, embed_dim=DIM,
                                       shared_with=owner.get(table.name)))
         owner.setdefault(table.name, f.name)
         x[f.name] = tensors["sparse"][:, j]
     for j, s in enumerate(spec.sequences):
         table = spec.tables[s.table_name]
-        features.append(SequenceFeature(s.name, vocab_size=table.num_rows, embed_dim=table.dim, pooling=s.pooling,
+        features.append(SequenceFeature(s.name, vocab_size=table.num_rows, embed_dim=DIM, pooling=s.pooling,
                                         shared_with=owner.get(table.name), padding_idx=0))
         owner.setdefault(table.name, s.name)
         x[s.name] = tensors["seq"][:, j, : s.max_len]
@@ -69,7 +74,7 @@ def rechub_samples_per_s(name: str, spec: DatasetSpec, tensors: dict[str, np.nda
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     features, x, y = rechub_inputs(spec, tensors)
-    model = rechub_model(name, features, ModelConfig(name=name), y.shape[1])
+    model = rechub_model(name, features, ModelConfig(name=name, embedding_dim=DIM), y.shape[1])
     with tempfile.TemporaryDirectory() as d:
         trainer = MTLTrainer(model, task_types=["classification"] * y.shape[1], n_epoch=1, device="cpu",
                              optimizer_params={"lr": lr, "weight_decay": 0.0}, model_path=d)
@@ -106,18 +111,19 @@ def main() -> None:
     tensors = preprocessed_rows(data, spec, pre, a.peer_rows)
     rows = []
     for model in a.models:
-        ours = pipeline_samples_per_s(data, model, 1, a.out, f"{model}-1w")["epoch"]
-        limit = quiet_limit(spec, ModelConfig(name=model), tensors, default.batch_size, default.lr)
+        cfg = ModelConfig(name=model, embedding_dim=DIM)
+        ours = pipeline_samples_per_s(data, cfg, 1, a.out, f"{model}-1w")["epoch"]
+        limit = quiet_limit(spec, cfg, tensors, default.batch_size, default.lr)
         theirs = peer_quietly(model, spec, tensors, default.batch_size, default.lr)
         rows.append({"model": model.upper(), "ours: pipeline, 1 worker (samples/s)": ours,
                      "ours: in-memory loop (samples/s)": limit, "torch-rechub MTLTrainer (samples/s)": theirs,
                      "pipeline / torch-rechub": ours / theirs})
-    cfg = ModelConfig()
+    cfg = ModelConfig(embedding_dim=DIM)
     write_result(
         "peer", "Training throughput vs torch-rechub 0.9.0 (same experts, towers, embedding dims, batch, data)", rows,
         [f"config: experts {cfg.expert_hidden}, towers {cfg.tower_hidden}; PLE {cfg.num_levels} levels x "
          f"({cfg.num_shared_experts} shared + {cfg.num_task_experts} per task) experts; MMoE {cfg.num_experts} experts; "
-         f"embedding dims from pipeline/specs/synthetic.yaml (shared category table); batch {default.batch_size}; "
+         f"every embedding table {DIM}-dim (the spec's tables, the category table shared); batch {default.batch_size}; "
          f"Adam lr {default.lr} (ours fused, torch-rechub's default Adam)",
          f"our pipeline trains {a.train_rows:,} rows streamed from Parquet; torch-rechub and the in-memory loop train "
          f"the first {a.peer_rows:,} of them, already preprocessed in memory",

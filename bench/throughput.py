@@ -19,10 +19,10 @@ from pipeline.job import connect_ray, default_synthetic_data, fit_or_load_prepro
 from pipeline.synthetic import SPEC_PATH
 
 
-def pipeline_samples_per_s(data: str, model: str, workers: int, out: str, name: str) -> dict[str, float]:
+def pipeline_samples_per_s(data: str, model: ModelConfig, workers: int, out: str, name: str) -> dict[str, float]:
     """The default job's first epoch: samples/s over the whole epoch, after its first batch, and the time to
     the first batch (the data pipeline's start-up)."""
-    job = JobConfig(data=DataPaths(data, str(SPEC_PATH)), model=ModelConfig(name=model),
+    job = JobConfig(data=DataPaths(data, str(SPEC_PATH)), model=model,
                     train=TrainConfig(epochs=1, num_workers=workers), name=name, output=f"{out}/{name}",
                     storage_path=f"{out}/ray_results")
     epoch = run(job)["history"][0]
@@ -50,7 +50,8 @@ def main() -> None:
 
     tensors = preprocessed_rows(data, spec, pre, a.limit_rows)
     limits = [quiet_limit(spec, ModelConfig(name=a.model), tensors, default.batch_size, default.lr)]
-    runs = {w: [pipeline_samples_per_s(data, a.model, w, a.out, f"{a.model}-{w}w-{r}") for r in range(a.repeats)]
+    runs = {w: [pipeline_samples_per_s(data, ModelConfig(name=a.model), w, a.out, f"{a.model}-{w}w-{r}")
+                for r in range(a.repeats)]
             for w in (1, 2)}
     one, two = (max(runs[w], key=lambda m: m["epoch"]) for w in (1, 2))  # the better run, as for the limit
     limits.append(quiet_limit(spec, ModelConfig(name=a.model), tensors, default.batch_size, default.lr))

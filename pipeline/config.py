@@ -222,7 +222,7 @@ class TrainConfig:
     # per-epoch shuffle: a new file order, and the rows of every shuffle_window rows of a file permuted by the
     # preprocessing tasks (0: no permutation); shuffle_buffer > 0 adds Ray's local shuffle buffer on each
     # worker, mixing across files too, at a cost in throughput (13 % for PLE on 2 cores)
-    shuffle_window: int = 16384
+    shuffle_window: int = 65536
     shuffle_buffer: int = 0
     max_failures: int = 2
     seed: int = 0

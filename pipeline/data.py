@@ -30,6 +30,9 @@ from pipeline.config import DatasetSpec
 from pipeline.validate import as_floats, bad_row_masks, split_files
 
 FIT_BATCH_ROWS = 65_536
+# rows per preprocessing call: 8k-row batches gave Ray Data 300k rows/s here, 64k-row ones 440k (fewer,
+# larger blocks through the object store; bench/results/ingest.md)
+PREPROCESS_BATCH_ROWS = 65_536
 IDS = np.int32  # encoded ids
 _REDUCE_EVERY = 2_000_000  # merge partial value counts once this many (value, count) pairs pile up
 
@@ -46,8 +49,8 @@ class Preprocessor:
     dense_std: np.ndarray = None
     train_rows: int = 0
     drop_bad_rows: bool = False  # on_bad_rows: drop (a job setting, not saved with the state)
-    # integer vocabularies sorted for np.searchsorted, built once per process (derived, never saved)
-    _sorted: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
+    # integer vocabularies as lookup structures, built once per process (derived, never saved)
+    _lookup: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ fit
 
@@ -129,17 +132,17 @@ class Preprocessor:
             return ((pd.util.hash_array(raw.astype(object) if raw.dtype.kind in "OU" else raw)
                      % np.uint64(t.num_rows - 1)) + 1).astype(IDS)
         vocab = self.vocab[table]
-        if pa.types.is_integer(values.type) and pa.types.is_integer(vocab.type):
-            # a binary search in the sorted vocabulary: pc.index_in would hash the whole vocabulary again
-            # for every batch (the largest cost of the transform on a 100k-id vocabulary)
-            if table not in self._sorted:
-                raw = vocab.to_numpy().astype(np.int64)
-                order = np.argsort(raw, kind="stable")
-                self._sorted[table] = raw[order], (order + 1).astype(IDS)
-            keys, rows = self._sorted[table]
-            if len(keys) == 0:
-                return np.zeros(len(values), IDS)
+        if pa.types.is_integer(values.type) and pa.types.is_integer(vocab.type) and len(vocab):
+            # integer ids: a lookup table over the vocabulary's id range when that range is compact (one
+            # indexing op), else a binary search in the sorted vocabulary. pc.index_in would hash the whole
+            # vocabulary again on every batch.
+            if table not in self._lookup:
+                self._lookup[table] = _int_lookup(vocab.to_numpy().astype(np.int64))
+            lo, lut, keys, rows = self._lookup[table]
             ids = values.to_numpy(zero_copy_only=False).astype(np.int64)
+            if lut is not None:
+                codes = lut[np.clip(ids - lo, 0, len(lut) - 1)]
+                return np.where((ids >= lo) & (ids < lo + len(lut)), codes, 0).astype(IDS)
             pos = np.searchsorted(keys, ids).clip(max=len(keys) - 1)
             return np.where(keys[pos] == ids, rows[pos], 0).astype(IDS)
         if vocab.type != values.type:
@@ -183,6 +186,19 @@ class Preprocessor:
                             drop_bad_rows)
 
 
+def _int_lookup(values: np.ndarray) -> tuple:
+    """(lowest id, table id - lowest -> row or None, sorted ids, their rows) for an integer vocabulary whose
+    value i is row i + 1. The table is built when the id range is at most 16x the vocabulary (+64k)."""
+    lo, hi = int(values.min()), int(values.max())
+    rows = np.arange(1, len(values) + 1, dtype=IDS)
+    if hi - lo + 1 <= 16 * len(values) + 65_536:
+        lut = np.zeros(hi - lo + 1, IDS)
+        lut[values - lo] = rows
+        return lo, lut, None, None
+    order = np.argsort(values, kind="stable")
+    return lo, None, values[order], rows[order]
+
+
 def without_bad_rows(batch: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
     """A worker's batch without the rows the preprocessing marked bad (on_bad_rows: drop)."""
     keep = batch["keep"]
@@ -210,7 +226,8 @@ def read_split(path: str, split: str, spec: DatasetSpec, shuffle_files: bool = F
 
 
 def build_datasets(path: str, spec: DatasetSpec, preprocessor: Preprocessor, splits=("train", "valid", "test"),
-                   batch_rows: int = 8192, shuffle_window: int = 16384) -> dict[str, ray.data.Dataset]:
+                   batch_rows: int = PREPROCESS_BATCH_ROWS, shuffle_window: int = PREPROCESS_BATCH_ROWS
+                   ) -> dict[str, ray.data.Dataset]:
     """Model-ready datasets per split. Train files are read in a new random order every epoch and the rows
     of each preprocessing batch (``shuffle_window`` rows of one file) are permuted, by the Data tasks."""
     out = {}

@@ -103,3 +103,20 @@ def test_drop_policy_marks_bad_rows_and_fits_without_them(ray_local):
     kept = Preprocessor.from_state_dict(pre.state_dict(), spec)  # fail policy: no keep column
     assert "keep" not in kept.transform(t.slice(0, 1))
 
+
+
+def test_integer_vocabulary_lookup_paths_agree_with_a_dict():
+    """Compact id ranges go through a lookup table, sparse ones through a binary search: same codes."""
+    from pipeline.data import _int_lookup
+
+    rng = np.random.default_rng(0)
+    for vocab in (rng.choice(5_000, 300, replace=False), rng.choice(10**12, 300, replace=False) - 10**11):
+        lo, lut, keys, rows = _int_lookup(vocab)
+        assert (lut is not None) == (vocab.max() - vocab.min() < 10**6)
+        spec = from_dict(DatasetSpec, {"name": "v", "tasks": [{"name": "click"}],
+                                       "sparse": [{"name": "u", "vocab_size": 301, "dim": 4}]})
+        pre = Preprocessor(spec, {"u": pa.array(vocab)}, np.zeros(0, np.float32), np.ones(0, np.float32))
+        queries = np.concatenate([vocab, rng.integers(-10**12, 10**12, 500), [vocab.min() - 1, vocab.max() + 1]])
+        expected = [{int(v): i + 1 for i, v in enumerate(vocab)}.get(int(q), 0) for q in queries]
+        codes = pre.transform(pa.table({"u": queries, "click": np.zeros(len(queries), np.int64)}))["sparse"][:, 0]
+        assert codes.tolist() == expected
