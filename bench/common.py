@@ -20,9 +20,10 @@ sys.path.insert(0, str(ROOT))
 # Ray workers of the local instance a benchmark starts import this module and the package from here
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT), os.environ.get("PYTHONPATH", "")])
 
-from pipeline.config import DatasetSpec, ModelConfig  # noqa: E402
+from pipeline.config import DatasetSpec, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data import Preprocessor  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
+from pipeline.train import mixed_precision  # noqa: E402
 from pipeline.validate import split_files  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -79,8 +80,7 @@ def preprocessed_rows(data: str, spec: DatasetSpec, pre: Preprocessor, rows: int
     return {k: np.concatenate([p[k] for p in parts])[:rows] for k in parts[0]}
 
 
-def quiet_limit(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray], batch_size: int,
-                lr: float) -> float:
+def quiet_limit(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray], train: TrainConfig) -> float:
     """The tight loop's samples/s with no Ray instance running beside it (Ray's idle daemons and actors
     would lower the ceiling); Ray is started again afterwards."""
     import ray
@@ -89,13 +89,13 @@ def quiet_limit(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np
 
     ray.shutdown()
     try:
-        return tight_loop(spec, model_cfg, tensors, batch_size, lr)
+        return tight_loop(spec, model_cfg, tensors, train)
     finally:
         connect_ray()
 
 
 def limit_in_a_train_worker(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray],
-                            batch_size: int, lr: float) -> float:
+                            train: TrainConfig) -> float:
     """The same tight loop run inside a 1-worker Ray Train run (its worker reserves 1 CPU and uses 2 torch
     threads, as the pipeline's does): what Ray's worker environment alone costs, without any Data."""
     import ray
@@ -104,7 +104,9 @@ def limit_in_a_train_worker(spec: DatasetSpec, model_cfg: ModelConfig, tensors: 
     from ray.train.torch import TorchTrainer
 
     def loop(config: dict) -> None:
-        sps = tight_loop(spec, model_cfg, ray.get(config["tensors"][0]), batch_size, lr)
+        # private copies: arrays read from the object store are read-only views of shared memory
+        tensors_here = {k: np.array(v) for k, v in ray.get(config["tensors"][0]).items()}
+        sps = tight_loop(spec, model_cfg, tensors_here, train)
         with tempfile.TemporaryDirectory() as d:  # Result.metrics holds the reports that carry a checkpoint
             ray.train.report({"samples_per_s": sps}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -115,22 +117,26 @@ def limit_in_a_train_worker(spec: DatasetSpec, model_cfg: ModelConfig, tensors: 
     return result.metrics["samples_per_s"]
 
 
-def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray], batch_size: int, lr: float,
-               seed: int = 0, warmup_steps: int = 5) -> float:
+def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray], train: TrainConfig,
+               warmup_steps: int = 5) -> float:
     """Samples/s of the training step alone: the same model, batch size, loss and optimiser as the pipeline's
-    loop, over tensors already in memory, in one process with all the cores (the ceiling on this machine)."""
-    torch.manual_seed(seed)
+    loop (``train``'s batch size, learning rate and precision), over tensors already in memory, in one process
+    with all the cores (the ceiling on this machine)."""
+    batch_size, autocast = train.batch_size, mixed_precision(train.precision, torch.device("cpu"))
+    torch.manual_seed(train.seed)
     torch.set_num_threads(os.cpu_count())
     model = build_model(spec, model_cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, fused=True)
     data = {k: torch.from_numpy(v) for k, v in tensors.items()}
     n = len(data["labels"])
     starts = list(range(0, n - batch_size + 1, batch_size))
 
     def step(i: int) -> None:
         batch = {k: v[i:i + batch_size] for k, v in data.items()}
-        out = model(batch)
-        loss = model.task_losses(out, batch["labels"]).sum() + model.regularizer(out, batch["labels"])
+        with autocast:
+            out = model(batch)
+            per_task = model.task_losses(out, batch["labels"])
+        loss = per_task.sum() + model.regularizer(out, batch["labels"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -25,6 +25,7 @@ from throughput import pipeline_samples_per_s
 from pipeline.config import DataPaths, DatasetSpec, JobConfig, ModelConfig, TrainConfig
 from pipeline.job import connect_ray, default_synthetic_data, fit_or_load_preprocessor
 from pipeline.synthetic import SPEC_PATH
+from pipeline.train import uses_bf16
 
 
 # torch-rechub concatenates its sparse embeddings along a feature axis, so every table gets one dim; ours
@@ -109,15 +110,19 @@ def main() -> None:
     default = TrainConfig()
     pre = fit_or_load_preprocessor(JobConfig(data=DataPaths(data, str(SPEC_PATH))), spec, f"{a.out}/ray_results")
     tensors = preprocessed_rows(data, spec, pre, a.peer_rows)
+    bf16 = uses_bf16(default.precision, torch.device("cpu"))
     rows = []
     for model in a.models:
         cfg = ModelConfig(name=model, embedding_dim=DIM)
         ours = pipeline_samples_per_s(data, cfg, 1, a.out, f"{model}-1w")["epoch"]
-        limit = quiet_limit(spec, cfg, tensors, default.batch_size, default.lr)
+        ours_fp32 = pipeline_samples_per_s(data, cfg, 1, a.out, f"{model}-1w-fp32", precision="fp32")["epoch"]
+        limit = quiet_limit(spec, cfg, tensors, default)
         theirs = peer_quietly(model, spec, tensors, default.batch_size, default.lr)
-        rows.append({"model": model.upper(), "ours: pipeline, 1 worker (samples/s)": ours,
-                     "ours: in-memory loop (samples/s)": limit, "torch-rechub MTLTrainer (samples/s)": theirs,
-                     "pipeline / torch-rechub": ours / theirs})
+        rows.append({"model": model.upper(),
+                     f"ours: pipeline, 1 worker, default ({'bf16' if bf16 else 'fp32'})": ours,
+                     "ours: pipeline, 1 worker, fp32": ours_fp32,
+                     "ours: in-memory loop, default": limit, "torch-rechub MTLTrainer, fp32": theirs,
+                     "pipeline default / torch-rechub": ours / theirs, "pipeline fp32 / torch-rechub": ours_fp32 / theirs})
     cfg = ModelConfig(embedding_dim=DIM)
     write_result(
         "peer", "Training throughput vs torch-rechub 0.9.0 (same experts, towers, embedding dims, batch, data)", rows,
@@ -125,6 +130,9 @@ def main() -> None:
          f"({cfg.num_shared_experts} shared + {cfg.num_task_experts} per task) experts; MMoE {cfg.num_experts} experts; "
          f"every embedding table {DIM}-dim (the spec's tables, the category table shared); batch {default.batch_size}; "
          f"Adam lr {default.lr} (ours fused, torch-rechub's default Adam)",
+         f"precision: ours by default `train.precision: {default.precision}`, i.e. bf16 autocast where the CPU has native "
+         f"bf16 ({'as this one does' if bf16 else 'this one has not'}), and forced to fp32 in its own column; "
+         "torch-rechub's trainer has no mixed precision (fp32)",
          f"our pipeline trains {a.train_rows:,} rows streamed from Parquet; torch-rechub and the in-memory loop train "
          f"the first {a.peer_rows:,} of them, already preprocessed in memory",
          "torch-rechub's MLP layers carry BatchNorm (its design); the layer sizes are the same"],

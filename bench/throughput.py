@@ -12,18 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
 from common import limit_in_a_train_worker, preprocessed_rows, quiet_limit, write_result
 
 from pipeline.config import DataPaths, DatasetSpec, JobConfig, ModelConfig, TrainConfig
 from pipeline.job import connect_ray, default_synthetic_data, fit_or_load_preprocessor, run
 from pipeline.synthetic import SPEC_PATH
+from pipeline.train import uses_bf16
 
 
-def pipeline_samples_per_s(data: str, model: ModelConfig, workers: int, out: str, name: str) -> dict[str, float]:
+def pipeline_samples_per_s(data: str, model: ModelConfig, workers: int, out: str, name: str,
+                           precision: str = TrainConfig.precision) -> dict[str, float]:
     """The default job's first epoch: samples/s over the whole epoch, after its first batch, and the time to
     the first batch (the data pipeline's start-up)."""
     job = JobConfig(data=DataPaths(data, str(SPEC_PATH)), model=model,
-                    train=TrainConfig(epochs=1, num_workers=workers), name=name, output=f"{out}/{name}",
+                    train=TrainConfig(epochs=1, num_workers=workers, precision=precision), name=name, output=f"{out}/{name}",
                     storage_path=f"{out}/ray_results")
     epoch = run(job)["history"][0]
     return {"epoch": epoch["train/samples_per_s"], "steady": epoch["train/steady_samples_per_s"],
@@ -49,15 +52,16 @@ def main() -> None:
     pre = fit_or_load_preprocessor(probe, spec, f"{a.out}/ray_results")
 
     tensors = preprocessed_rows(data, spec, pre, a.limit_rows)
-    limits = [quiet_limit(spec, ModelConfig(name=a.model), tensors, default.batch_size, default.lr)]
+    limits = [quiet_limit(spec, ModelConfig(name=a.model), tensors, default)]
     runs = {w: [pipeline_samples_per_s(data, ModelConfig(name=a.model), w, a.out, f"{a.model}-{w}w-{r}")
                 for r in range(a.repeats)]
             for w in (1, 2)}
     one, two = (max(runs[w], key=lambda m: m["epoch"]) for w in (1, 2))  # the better run, as for the limit
-    limits.append(quiet_limit(spec, ModelConfig(name=a.model), tensors, default.batch_size, default.lr))
+    limits.append(quiet_limit(spec, ModelConfig(name=a.model), tensors, default))
     limit = max(limits)  # the ceiling: the better of a measurement before and one after the pipeline runs
-    in_worker = limit_in_a_train_worker(spec, ModelConfig(name=a.model), tensors, default.batch_size, default.lr)
+    in_worker = limit_in_a_train_worker(spec, ModelConfig(name=a.model), tensors, default)
     name = a.model.upper()
+    bf16 = uses_bf16(default.precision, torch.device("cpu"))
     rows = [
         {"measure": f"{name} tight in-memory loop, same model/batch/optimiser (the limit)", "samples/s": limit,
          "/ limit": 1.0},
@@ -74,7 +78,8 @@ def main() -> None:
     ]
     write_result(
         "throughput", f"Training throughput: {a.model.upper()} pipeline vs the in-memory limit, 1 vs 2 workers", rows,
-        [f"default job config: batch {default.batch_size}, Adam(fused) lr {default.lr}, "
+        [f"default job config: batch {default.batch_size}, Adam(fused) lr {default.lr}, precision {default.precision} "
+         f"({'bf16 autocast' if bf16 else 'fp32'} on this machine), "
          f"{json.dumps(ModelConfig(name=a.model).__dict__)}",
          f"data: the default synthetic log, {a.train_rows:,} train rows; the tight loop runs over the first "
          f"{a.limit_rows:,} of them, preprocessed into tensors beforehand",

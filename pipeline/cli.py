@@ -27,6 +27,8 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--loss-weighting", choices=STRATEGIES)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast; auto: where the GPU or CPU has native bf16 (default)")
     p.add_argument("--name", help="run name; rerunning with the same name resumes from its latest checkpoint")
     p.add_argument("--storage-path", help="checkpoints and results: a local directory or s3://...")
     p.add_argument("--output", help="where metrics.json, config.yaml and checkpoint/ are written")
@@ -43,7 +45,7 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
         "data.path": args.data, "data.spec": args.spec, "data.on_bad_rows": args.on_bad_rows,
         "train.num_workers": args.workers, "train.use_gpu": args.gpu, "train.epochs": args.epochs,
         "train.batch_size": args.batch_size, "train.lr": args.lr, "train.seed": args.seed,
-        "train.loss_weighting": args.loss_weighting, "name": args.name, "storage_path": args.storage_path,
+        "train.loss_weighting": args.loss_weighting, "train.precision": args.precision, "name": args.name, "storage_path": args.storage_path,
         "output": args.output,
     })
     if not job.data.path:

@@ -224,11 +224,16 @@ class TrainConfig:
     # worker, mixing across files too, at a cost in throughput (13 % for PLE on 2 cores)
     shuffle_window: int = 65536
     shuffle_buffer: int = 0
+    # object-store memory each split's read and preprocessing tasks may fill ahead of training; without a
+    # bound Ray Data buffers up to half the object store, so a longer epoch held more memory (docs/NOTES.md)
+    data_buffer_mb: int = 512
     max_failures: int = 2
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast where the GPU or CPU has native bf16, else fp32) | fp32 | bf16
 
     def __post_init__(self) -> None:
+        if self.data_buffer_mb <= 0:
+            raise ConfigError(f"train.data_buffer_mb must be positive, got {self.data_buffer_mb}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.early_stop_metric not in ("mean_auc", "min_auc", "weighted_auc"):

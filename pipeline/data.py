@@ -221,7 +221,10 @@ def read_split(path: str, split: str, spec: DatasetSpec, shuffle_files: bool = F
     columns = spec.feature_columns + spec.label_columns
     if split != "train":
         columns += list(spec.oracle.values())
-    ds = ray.data.read_parquet(files, filesystem=fs, shuffle="files" if shuffle_files else None)
+    # one read task and block per file: by default Ray cuts the read into >= 200 blocks (50 per file of the
+    # default log), and the small blocks cost more to pass on than the read itself (1M rows: 1.6 s -> 0.6 s)
+    ds = ray.data.read_parquet(files, filesystem=fs, shuffle="files" if shuffle_files else None,
+                               override_num_blocks=len(files))
     return ds.select_columns(columns)  # pushed down into the Parquet reader
 
 

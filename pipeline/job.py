@@ -33,7 +33,13 @@ DEFAULT_CACHE = Path(os.environ.get("MTREC_CACHE", Path.home() / ".cache" / "mtr
 class ExactSplitDataConfig(DataConfig):
     """Ray Train's DataConfig, but shards are split with ``equal=False``: Train's default equalises
     the shards by dropping rows, which would silently drop training rows and make validation AUC
-    inexact. The training loop copes with shards that differ by a batch (DDP Join)."""
+    inexact. The training loop copes with shards that differ by a batch (DDP Join). Each split's
+    Data tasks may buffer at most ``buffer_bytes`` of object-store memory ahead of the workers (None:
+    Ray Data's default, up to half the object store)."""
+
+    def __init__(self, buffer_bytes: int | None = None) -> None:
+        super().__init__()
+        self.buffer_bytes = buffer_bytes
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
@@ -41,7 +47,10 @@ class ExactSplitDataConfig(DataConfig):
         hints = worker_node_ids if self._enable_shard_locality else None
         for name, ds in datasets.items():
             ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
+            options = self._resolve_execution_options(name)
+            if self.buffer_bytes is not None:
+                options.resource_limits = options.resource_limits.copy(object_store_memory=self.buffer_bytes)
+            ds.context.execution_options = options
             if name in split:
                 for i, shard in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
                     output[i][name] = shard
@@ -171,7 +180,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=scaling,
         datasets=datasets,
-        dataset_config=ExactSplitDataConfig(),
+        dataset_config=ExactSplitDataConfig(buffer_bytes=job.train.data_buffer_mb * 2**20),
         run_config=RunConfig(
             name=job.name, storage_path=storage,
             failure_config=FailureConfig(max_failures=job.train.max_failures),

@@ -1,4 +1,4 @@
-"""The layer vocabulary every model is composed from: embedding front, MLP, experts, gate, tower."""
+"""The layer vocabulary every model is composed from: embedding front, MLP, experts, gate, tower (and its logit)."""
 from __future__ import annotations
 
 import math
@@ -153,13 +153,25 @@ class Gate(nn.Module):
         return gates.squeeze(1) if self.single else gates
 
 
+class Logit(nn.Linear):
+    """The last layer of a task head, [B, in] -> [B], always in fp32: under bf16 autocast a bf16 logit keeps
+    ~3 significant digits, which would tie predictions and coarsen AUC."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__(in_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float()).squeeze(-1)
+
+
 class Tower(nn.Module):
     """A task head: MLP then one logit. [B, in] -> [B]."""
 
     def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0) -> None:
         super().__init__()
         self.mlp = MLP(in_dim, hidden, dropout)
-        self.out = nn.Linear(self.mlp.out_dim, 1)
+        self.out = Logit(self.mlp.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mlp(x)).squeeze(-1)
+        return self.out(self.mlp(x))

@@ -34,6 +34,11 @@ from pipeline.weighting import LossWeighting
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     job: JobConfig = from_dict(JobConfig, loop_config["job"])
     spec: DatasetSpec = from_dict(DatasetSpec, loop_config["spec"])
+    # every split's shard up front: each sets up a split coordinator actor (a new process, ~1-2 s here)
+    # in the background while the model is built, rather than before the first batch of its split
+    train_shard = ray.train.get_dataset_shard("train")
+    for split in ("valid", "test"):
+        ray.train.get_dataset_shard(split)
     cfg = job.train
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -64,7 +69,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     best_model = best_model or copy.deepcopy(module.state_dict())
     weighting.to(device)
 
-    train_shard = ray.train.get_dataset_shard("train")
     while progress["epoch"] < cfg.epochs and not progress["stopped"]:
         epoch = progress["epoch"]
         weighting.set_epoch(epoch)
@@ -141,10 +145,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           "weighting": weighting.state_dict(), "progress": progress}, loop_config, final=True)
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """"auto": bf16 on GPUs that support it and on CPUs with native bf16 matmuls (AVX512-BF16 or AMX), where
+    the experts' matmuls run ~4x faster (without them bf16 is emulated and slower)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def mixed_precision(precision: str, device: torch.device):
-    """bf16 autocast for the forward pass and the losses ("auto": on GPUs that support bf16), else a no-op."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    """bf16 autocast for the forward pass and the losses where ``uses_bf16``, else a no-op. Parameters,
+    gradients and the heads' logits stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
 
 
 def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, cfg, autocast) -> dict[str, float]:

@@ -212,3 +212,54 @@ def test_unknown_model_and_bad_task_order(spec):
     bad = from_dict(DatasetSpec, {**SPEC, "tasks": [{"name": "convert", "depends_on": "click"}, {"name": "click"}]})
     with pytest.raises(ValueError, match="listed before"):
         build_model(bad, ModelConfig())
+
+
+def test_ple_routing_equals_a_loop_over_tasks_and_experts(spec):
+    """PLE's fixed routing matrices compute what the paper's per-task loops compute: task t's gate mixes
+    its own experts then the shared ones; the shared gate mixes all experts (every level but the last)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="ple", num_levels=2, num_shared_experts=2, num_task_experts=1, expert_hidden=[16, 8])
+    model = build_model(spec, cfg)
+    batch = make_batch(spec)
+    x = model.front(batch["sparse"], batch["seq"], batch["dense"])
+    S, K, T = 2, 1, 2
+
+    def expert(level, e, inp):  # expert e of a level alone, from the batched weights
+        for w, b in zip(model.experts[level].weights, model.experts[level].biases):
+            inp = F.relu(inp @ w[e] + b[e])
+        return inp
+
+    shared, tasks = x, [x] * T
+    for level in range(cfg.num_levels):
+        outs = [expert(level, e, shared if e < S else tasks[(e - S) // K]) for e in range(S + T * K)]
+        gate = model.task_gates[level]
+        new_tasks = []
+        for t in range(T):
+            g = torch.softmax(tasks[t] @ gate.weight[:, t] + gate.bias[t], dim=-1)
+            mine = [outs[e] for e in range(S + t * K, S + (t + 1) * K)] + outs[:S]
+            new_tasks.append(sum(g[:, i:i + 1] * o for i, o in enumerate(mine)))
+        if level < cfg.num_levels - 1:
+            sg = model.shared_gates[level]
+            g = torch.softmax(shared @ sg.weight[:, 0] + sg.bias[0], dim=-1)
+            shared = sum(g[:, e:e + 1] * o for e, o in enumerate(outs))
+        tasks = new_tasks
+    expected = torch.stack([tower(tasks[t]) for t, tower in enumerate(model.towers)], dim=1)
+    torch.testing.assert_close(model.task_logits(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_keeps_heads_and_parameters_fp32(spec):
+    from pipeline.train import mixed_precision, uses_bf16
+
+    assert uses_bf16("bf16", torch.device("cpu")) and not uses_bf16("fp32", torch.device("cpu"))
+    for name in ("ple", "mmoe", "esmm", "aitm"):
+        model = build_model(spec, ModelConfig(name=name))
+        batch = make_batch(spec, n=256)
+        with mixed_precision("bf16", torch.device("cpu")):
+            out = model(batch)
+            loss = model.task_losses(out, batch["labels"]).sum() + model.regularizer(out, batch["labels"])
+        loss.backward()
+        # bf16 probabilities (~3 significant digits) would tie predictions and coarsen AUC
+        assert out["logits"].dtype == out["prob"].dtype == torch.float32, name
+        assert out["prob"][:, 0].unique().numel() > 250, name
+        assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
+                   for p in model.parameters()), name

@@ -44,6 +44,13 @@ def test_job_config_round_trips():
     assert from_dict(JobConfig, job.to_dict()) == job
 
 
+@pytest.mark.parametrize("train, message", [({"precision": "fp16"}, "train.precision must be auto, fp32 or bf16"),
+                                            ({"data_buffer_mb": 0}, "train.data_buffer_mb must be positive")])
+def test_bad_train_settings_are_refused(train, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(JobConfig, {"train": train})
+
+
 def test_generated_log_is_valid(small_log, spec):
     report = validate_dataset(str(small_log), spec)
     assert report.rows == {"train": 60_000, "valid": 10_000, "test": 10_000}

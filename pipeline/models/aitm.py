@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import DatasetSpec, ModelConfig
-from pipeline.layers import MLP
+from pipeline.layers import MLP, Logit
 from pipeline.models.base import MultiTaskModel
 
 
@@ -40,14 +40,14 @@ class AITM(MultiTaskModel):
         # only parents transfer and only children attend: no parameter without a gradient (DDP needs that)
         self.transfer = nn.ModuleDict({str(p): nn.Linear(dim, dim) for p in sorted(set(self.parents) - {-1})})
         self.ait = nn.ModuleDict({str(j): AIT(dim) for j, p in enumerate(self.parents) if p >= 0})
-        self.heads = nn.ModuleList(nn.Linear(dim, 1) for _ in spec.tasks)
+        self.heads = nn.ModuleList(Logit(dim) for _ in spec.tasks)
 
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
         z: list[torch.Tensor] = []
         for j, parent in enumerate(self.parents):  # parents come first, so z[parent] exists
             own = self.bottoms[j](x)
             z.append(own if parent < 0 else self.ait[str(j)](F.relu(self.transfer[str(parent)](z[parent])), own))
-        return torch.cat([head(zj) for head, zj in zip(self.heads, z)], dim=1)
+        return torch.stack([head(zj) for head, zj in zip(self.heads, z)], dim=1)
 
     def regularizer(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         prob = out["prob"]

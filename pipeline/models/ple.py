@@ -17,11 +17,15 @@ class PLE(MultiTaskModel):
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
         super().__init__(spec, cfg)
         T, S, K = len(spec.tasks), cfg.num_shared_experts, cfg.num_task_experts
-        # experts are laid out [shared 0..S-1 | task 0's K | task 1's K | ...]
-        self.register_buffer("expert_stream", torch.tensor([0] * S + [1 + t for t in range(T) for _ in range(K)]),
-                             persistent=False)  # which input stream each expert reads: 0 = shared, 1+t = task t
-        self.register_buffer("task_experts", torch.tensor([[*range(S + t * K, S + (t + 1) * K), *range(S)]
-                                                           for t in range(T)]), persistent=False)  # [T, K+S]
+        # experts are laid out [shared 0..S-1 | task 0's K | task 1's K | ...]; task t's gate covers its own K
+        # experts then the S shared ones. Routing is a fixed 0/1 matrix (gate slot -> expert) rather than
+        # advanced indexing, whose backward (an accumulating index_put) cost a fifth of a CPU step.
+        route = torch.zeros(T, K + S, S + T * K)
+        for t in range(T):
+            for slot, e in enumerate([*range(S + t * K, S + (t + 1) * K), *range(S)]):
+                route[t, slot, e] = 1.0
+        self.register_buffer("route", route, persistent=False)  # [T, K+S, E]
+        self.num_shared, self.num_task_experts = S, K
         in_dim = self.front.out_dim
         self.experts, self.task_gates, self.shared_gates = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for level in range(cfg.num_levels):
@@ -35,10 +39,16 @@ class PLE(MultiTaskModel):
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
         shared, tasks = x, None  # level 0: every stream is the embedding front's output
         for level, experts in enumerate(self.experts):
-            streams = None if tasks is None else torch.cat([shared[:, None], tasks], dim=1)  # [B, 1+T, H]
-            out = experts(x if streams is None else streams[:, self.expert_stream])  # [B, E, H]
+            if tasks is None:
+                out = experts(x)  # [B, E, H]
+            else:  # each expert reads its stream: the shared experts the shared one, task t's experts task t's
+                B, T, H = tasks.shape
+                out = experts(torch.cat([shared[:, None].expand(B, self.num_shared, H),
+                                         tasks[:, :, None].expand(B, T, self.num_task_experts, H).reshape(B, -1, H)],
+                                        dim=1))
             gates = self.task_gates[level](x if tasks is None else tasks)  # [B, T, K+S]
-            tasks = (gates.unsqueeze(-1) * out[:, self.task_experts]).sum(dim=2)  # [B, T, H]
+            expert_weights = torch.einsum("btk,tke->bte", gates, self.route)  # [B, T, E], 0 off a task's experts
+            tasks = (expert_weights.unsqueeze(-1) * out.unsqueeze(1)).sum(dim=2)  # [B, T, H]
             self.last_gates[f"level{level}"] = gates.detach()
             if level < len(self.shared_gates):
                 shared = torch.einsum("be,beh->bh", self.shared_gates[level](shared), out)  # [B, H]
