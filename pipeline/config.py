@@ -8,6 +8,7 @@ shares the ``category`` table with the target item's category).
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -250,6 +251,7 @@ class DataPaths:
     on_bad_rows: str = "fail"
 
     def __post_init__(self) -> None:
+        self.path, self.spec = os.path.expanduser(self.path), os.path.expanduser(self.spec)  # ~/ as a shell would
         if self.on_bad_rows not in ("fail", "drop"):
             raise ConfigError(f"data.on_bad_rows must be fail or drop, got {self.on_bad_rows!r}")
 
@@ -262,6 +264,9 @@ class JobConfig:
     name: str = "ple"  # run name: rerunning with the same name resumes from its latest checkpoint
     storage_path: str = ""  # checkpoints and results (local dir or s3://); default <output>/ray_results
     output: str = "outputs/ple"
+
+    def __post_init__(self) -> None:
+        self.storage_path, self.output = os.path.expanduser(self.storage_path), os.path.expanduser(self.output)
 
     @staticmethod
     def load(path: str | Path) -> "JobConfig":

@@ -78,6 +78,8 @@ def _write_correlation_outputs(out_dir: Path, rows: list[dict]) -> None:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['correlation']} | {r['model']} | {r['click_auc']:.4f} | {r['click_oracle_auc']:.4f} | "
               f"{r['convert_auc']:.4f} | {r['convert_oracle_auc']:.4f} | {r['cvr_auc']:.4f} |" for r in rows]
+    lines += ["", "Each model trained 1 epoch on a log generated at each correlation; plot: correlation_study.png. "
+              "Command: `python jobs/correlation_study.py`"]
     (out_dir / "correlation_study.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, task in zip(axes, ("click", "convert")):
@@ -136,6 +138,8 @@ def _write_quality_table(out_dir: Path, runs: list[dict], tasks: list[str], work
         ref = (reference or {}).get(model)
         model_seeds = [r["seed"] for r in runs if r["model"] == model]
         table.append(f"| {model} | {model_seeds} | " + " | ".join(cells) + f" | {' / '.join(map(str, ref)) if ref else ''} |")
+    table += ["", "Adult protocol: train on adult.data, adult.test split 1:1 (seed 0) into valid/test; the best "
+              "validation epoch's model is scored on test. Command: `python bench/adult_quality.py`"]
     (out_dir / "quality.md").write_text("\n".join(table) + "\n")
     (out_dir / "quality_runs.json").write_text(json.dumps(runs, indent=2))
     print("\n".join(table))

@@ -181,6 +181,7 @@ def write_results(results: tune.ResultGrid, space: TuneSpace, job: JobConfig, ou
     best_job = merge_overrides(from_dict(JobConfig, best_result.config["__base__"]),
                                {k: v for k, v in best_result.config.items() if k != "__base__"})
     best_job.name, best_job.output = f"{job.name}-best", str(out / "best_run")
+    best_job = portable_paths(best_job)
     (out / "best.yaml").write_text(
         f"# best trial {best['trial']} of {len(ok)} (validation {space.objective} {best['valid_objective']:.4f})\n"
         + yaml.safe_dump(best_job.to_dict(), sort_keys=False))
@@ -191,6 +192,24 @@ def write_results(results: tune.ResultGrid, space: TuneSpace, job: JobConfig, ou
         print(f"{len(failed)} trial(s) failed after retries: {failed['trial'].tolist()}")
     return {"best_trial": best["trial"], "valid_objective": float(best["valid_objective"]), "trials": len(df),
             "failed": len(failed)}
+
+
+def portable_paths(job: JobConfig) -> JobConfig:
+    """A copy whose local paths are relative when under the working directory (the repo) and start with
+    ~/ when under the home directory, so that an exported config works from another clone or machine."""
+    def short(p: str) -> str:
+        if not p or "://" in p:
+            return p
+        path = Path(p).resolve()
+        for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+            if path.is_relative_to(base):
+                return prefix + str(path.relative_to(base))
+        return p
+
+    out = from_dict(JobConfig, job.to_dict())
+    out.data.path, out.data.spec = short(job.data.path), short(job.data.spec)
+    out.storage_path, out.output = short(job.storage_path), short(job.output)
+    return out
 
 
 def _markdown(df: pd.DataFrame) -> str:

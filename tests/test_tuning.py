@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, DataPaths, JobConfig
+from pipeline.config import ConfigError, DataPaths, JobConfig, from_dict
 from pipeline.synthetic import SPEC_PATH
-from pipeline.tuning import TuneSpace, tune_model, write_results
+from pipeline.tuning import TuneSpace, portable_paths, tune_model, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,16 @@ def _job(small_log, tmp_path, name):
     job.data = DataPaths(str(small_log), str(SPEC_PATH))
     job.name, job.output, job.storage_path = name, str(tmp_path / "out"), str(tmp_path / "tune")
     return job
+
+
+def test_exported_paths_are_portable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = JobConfig(data=DataPaths(str(tmp_path / "datasets" / "d"), str(Path.home() / ".cache" / "x" / "spec.yaml")),
+                    storage_path="s3://bucket/tune", output=str(tmp_path / "out" / "best_run"))
+    short = portable_paths(job)
+    assert (short.data.path, short.data.spec) == ("datasets/d", "~/.cache/x/spec.yaml")
+    assert (short.storage_path, short.output) == ("s3://bucket/tune", "out/best_run")
+    assert from_dict(JobConfig, short.to_dict()).data.spec == str(Path.home() / ".cache" / "x" / "spec.yaml")
 
 
 def test_tiny_search_completes_and_its_best_config_trains(ray_local, small_log, tmp_path):
