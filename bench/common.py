@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -21,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT), os.environ.get("PYTHONPATH", "")])
 
 from pipeline.config import DatasetSpec, ModelConfig, TrainConfig  # noqa: E402
-from pipeline.data import Preprocessor  # noqa: E402
+from pipeline.data import PREPROCESS_BATCH_ROWS, Preprocessor  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.train import mixed_precision  # noqa: E402
 from pipeline.validate import split_files  # noqa: E402
@@ -68,9 +69,8 @@ def preprocessed_rows(data: str, spec: DatasetSpec, pre: Preprocessor, rows: int
     _, files = split_files(data, "train")
     parts, n = [], 0
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536, columns=spec.feature_columns + spec.label_columns):
-            import pyarrow as pa
-
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=PREPROCESS_BATCH_ROWS,
+                                                    columns=spec.feature_columns + spec.label_columns):
             parts.append(pre.transform(pa.Table.from_batches([batch])))
             n += batch.num_rows
             if n >= rows:
@@ -80,16 +80,16 @@ def preprocessed_rows(data: str, spec: DatasetSpec, pre: Preprocessor, rows: int
     return {k: np.concatenate([p[k] for p in parts])[:rows] for k in parts[0]}
 
 
-def quiet_limit(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray], train: TrainConfig) -> float:
-    """The tight loop's samples/s with no Ray instance running beside it (Ray's idle daemons and actors
-    would lower the ceiling); Ray is started again afterwards."""
+def without_ray(fn, *args):
+    """``fn(*args)`` with no Ray instance running beside it (Ray's idle daemons and actors would slow an
+    in-process loop); Ray is started again afterwards."""
     import ray
 
     from pipeline.job import connect_ray
 
     ray.shutdown()
     try:
-        return tight_loop(spec, model_cfg, tensors, train)
+        return fn(*args)
     finally:
         connect_ray()
 

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import torch
-from common import preprocessed_rows, quiet_limit, write_result
+from common import preprocessed_rows, tight_loop, without_ray, write_result
 from throughput import pipeline_samples_per_s
 
 from pipeline.config import DataPaths, DatasetSpec, JobConfig, ModelConfig, TrainConfig
@@ -85,17 +85,6 @@ def rechub_samples_per_s(name: str, spec: DatasetSpec, tensors: dict[str, np.nda
         return len(y) / (time.perf_counter() - t0)
 
 
-def peer_quietly(*args) -> float:
-    """torch-rechub's samples/s with no Ray instance beside it, as the in-memory loop gets."""
-    import ray
-
-    ray.shutdown()
-    try:
-        return rechub_samples_per_s(*args)
-    finally:
-        connect_ray()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["ple", "mmoe"])
@@ -116,8 +105,8 @@ def main() -> None:
         cfg = ModelConfig(name=model, embedding_dim=DIM)
         ours = pipeline_samples_per_s(data, cfg, 1, a.out, f"{model}-1w")["epoch"]
         ours_fp32 = pipeline_samples_per_s(data, cfg, 1, a.out, f"{model}-1w-fp32", precision="fp32")["epoch"]
-        limit = quiet_limit(spec, cfg, tensors, default)
-        theirs = peer_quietly(model, spec, tensors, default.batch_size, default.lr)
+        limit = without_ray(tight_loop, spec, cfg, tensors, default)
+        theirs = without_ray(rechub_samples_per_s, model, spec, tensors, default.batch_size, default.lr)
         rows.append({"model": model.upper(),
                      f"ours: pipeline, 1 worker, default ({'bf16' if bf16 else 'fp32'})": ours,
                      "ours: pipeline, 1 worker, fp32": ours_fp32,

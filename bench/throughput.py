@@ -13,7 +13,7 @@ import argparse
 import json
 
 import torch
-from common import limit_in_a_train_worker, preprocessed_rows, quiet_limit, write_result
+from common import limit_in_a_train_worker, preprocessed_rows, tight_loop, without_ray, write_result
 
 from pipeline.config import DataPaths, DatasetSpec, JobConfig, ModelConfig, TrainConfig
 from pipeline.job import connect_ray, default_synthetic_data, fit_or_load_preprocessor, run
@@ -52,12 +52,12 @@ def main() -> None:
     pre = fit_or_load_preprocessor(probe, spec, f"{a.out}/ray_results")
 
     tensors = preprocessed_rows(data, spec, pre, a.limit_rows)
-    limits = [quiet_limit(spec, ModelConfig(name=a.model), tensors, default)]
+    limits = [without_ray(tight_loop, spec, ModelConfig(name=a.model), tensors, default)]
     runs = {w: [pipeline_samples_per_s(data, ModelConfig(name=a.model), w, a.out, f"{a.model}-{w}w-{r}")
                 for r in range(a.repeats)]
             for w in (1, 2)}
     one, two = (max(runs[w], key=lambda m: m["epoch"]) for w in (1, 2))  # the better run, as for the limit
-    limits.append(quiet_limit(spec, ModelConfig(name=a.model), tensors, default))
+    limits.append(without_ray(tight_loop, spec, ModelConfig(name=a.model), tensors, default))
     limit = max(limits)  # the ceiling: the better of a measurement before and one after the pipeline runs
     in_worker = limit_in_a_train_worker(spec, ModelConfig(name=a.model), tensors, default)
     name = a.model.upper()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import JobConfig, merge_overrides
+from pipeline.config import PRECISIONS, JobConfig, merge_overrides
 from pipeline.models import MODELS
 from pipeline.synthetic import SPEC_PATH
 from pipeline.weighting import STRATEGIES
@@ -27,7 +27,7 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--loss-weighting", choices=STRATEGIES)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="bf16 autocast; auto: where the GPU or CPU has native bf16 (default)")
     p.add_argument("--name", help="run name; rerunning with the same name resumes from its latest checkpoint")
     p.add_argument("--storage-path", help="checkpoints and results: a local directory or s3://...")

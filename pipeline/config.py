@@ -198,6 +198,9 @@ class ModelConfig:
     embedding_dim: Optional[int] = None  # overrides every table's dim from the spec (a Tune knob)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     # one pass is usually best for id-embedding CTR models: a second epoch over the same impressions
@@ -235,7 +238,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.data_buffer_mb <= 0:
             raise ConfigError(f"train.data_buffer_mb must be positive, got {self.data_buffer_mb}")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.early_stop_metric not in ("mean_auc", "min_auc", "weighted_auc"):
             raise ConfigError(f"train.early_stop_metric must be mean_auc, min_auc or weighted_auc, got {self.early_stop_metric!r}")
