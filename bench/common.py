@@ -22,12 +22,13 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT), os.environ.get("PYTHONPATH", "")])
 
 from pipeline.config import DatasetSpec, ModelConfig, TrainConfig  # noqa: E402
-from pipeline.data import PREPROCESS_BATCH_ROWS, Preprocessor  # noqa: E402
+from pipeline.data import Preprocessor  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.train import mixed_precision  # noqa: E402
 from pipeline.validate import split_files  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+ARROW_BATCH_ROWS = 65_536  # rows per pyarrow record batch (and preprocessing call) on the plain-pyarrow side
 
 
 def machine() -> dict:
@@ -69,7 +70,7 @@ def preprocessed_rows(data: str, spec: DatasetSpec, pre: Preprocessor, rows: int
     _, files = split_files(data, "train")
     parts, n = [], 0
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=PREPROCESS_BATCH_ROWS,
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=ARROW_BATCH_ROWS,
                                                     columns=spec.feature_columns + spec.label_columns):
             parts.append(pre.transform(pa.Table.from_batches([batch])))
             n += batch.num_rows

@@ -12,10 +12,10 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from common import write_result
+from common import ARROW_BATCH_ROWS, write_result
 
 from pipeline.config import DataPaths, DatasetSpec, JobConfig
-from pipeline.data import PREPROCESS_BATCH_ROWS, build_datasets, read_split
+from pipeline.data import build_datasets, read_split
 from pipeline.job import connect_ray, default_synthetic_data, fit_or_load_preprocessor
 from pipeline.synthetic import SPEC_PATH
 from pipeline.validate import split_files
@@ -38,7 +38,7 @@ def timed(batches) -> tuple[int, float]:
 def pyarrow_batches(files: list[str], columns: list[str], transform=None):
     """Plain pyarrow: each file's record batches -> (optionally preprocessed) numpy -> torch, BATCH rows at a time."""
     for f in files:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=PREPROCESS_BATCH_ROWS, columns=columns):
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=ARROW_BATCH_ROWS, columns=columns):
             table = pa.Table.from_batches([rb])
             arrays = transform(table) if transform else {c: table[c].to_numpy() for c in columns}
             tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
@@ -49,39 +49,42 @@ def pyarrow_batches(files: list[str], columns: list[str], transform=None):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train-rows", type=int, default=1_000_000)
+    p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000],
+                   help="train rows of the logs measured (each generated once into the cache, as the scale bench's)")
     p.add_argument("--out", default="outputs/bench/ingest")
     a = p.parse_args()
     connect_ray()
-    data = str(default_synthetic_data({"train": a.train_rows, "valid": 100_000, "test": 100_000}))
     spec = DatasetSpec.load(SPEC_PATH)
-    pre = fit_or_load_preprocessor(JobConfig(data=DataPaths(data, str(SPEC_PATH))), spec, a.out)
-    _, files = split_files(data, "train")
     cols = flat_columns(spec)
     rows = []
-    for what, ray_batches, arrow_batches in [
-        ("raw columns", lambda: read_split(data, "train", spec).select_columns(cols).iter_torch_batches(batch_size=BATCH),
-         lambda: pyarrow_batches(files, cols)),
-        ("preprocessed (worker input)",
-         # the evaluation splits' path: the same transform on both sides (train adds a row permutation)
-         lambda: build_datasets(data, spec, pre, splits=("train",), shuffle_window=0)["train"].iter_torch_batches(
-             batch_size=BATCH),
-         lambda: pyarrow_batches(files, spec.feature_columns + spec.label_columns, pre.transform)),
-    ]:
-        timed(ray_batches())  # warm-up: worker processes started, files in the page cache
-        n_ray, s_ray = timed(ray_batches())
-        n_arrow, s_arrow = timed(arrow_batches())
-        assert n_ray == n_arrow == a.train_rows, (n_ray, n_arrow)
-        rows.append({"input": what, "Ray Data (rows/s)": n_ray / s_ray, "plain pyarrow (rows/s)": n_arrow / s_arrow,
-                     "Ray Data / pyarrow": (n_ray / s_ray) / (n_arrow / s_arrow)})
+    for n in a.rows:
+        data = str(default_synthetic_data({"train": n, "valid": max(n // 10, 1000), "test": max(n // 10, 1000)}))
+        pre = fit_or_load_preprocessor(JobConfig(data=DataPaths(data, str(SPEC_PATH))), spec, a.out)
+        _, files = split_files(data, "train")
+        for what, ray_batches, arrow_batches in [
+            ("raw columns", lambda: read_split(data, "train", spec).select_columns(cols).iter_torch_batches(batch_size=BATCH),
+             lambda: pyarrow_batches(files, cols)),
+            ("preprocessed (worker input)",
+             # the evaluation splits' path: the same transform on both sides (train adds a row permutation)
+             lambda: build_datasets(data, spec, pre, splits=("train",), shuffle_window=0)["train"].iter_torch_batches(
+                 batch_size=BATCH),
+             lambda: pyarrow_batches(files, spec.feature_columns + spec.label_columns, pre.transform)),
+        ]:
+            timed(ray_batches())  # warm-up: worker processes started, files in the page cache
+            n_ray, s_ray = timed(ray_batches())
+            n_arrow, s_arrow = timed(arrow_batches())
+            assert n_ray == n_arrow == n, (n_ray, n_arrow)
+            rows.append({"train rows": f"{n:,} ({len(files)} files)", "input": what, "Ray Data (rows/s)": n_ray / s_ray,
+                         "plain pyarrow (rows/s)": n_arrow / s_arrow,
+                         "Ray Data / pyarrow": (n_ray / s_ray) / (n_arrow / s_arrow)})
     write_result("ingest", "Ingest: Ray Data read_parquet -> iter_torch_batches vs plain pyarrow -> torch", rows,
-                 [f"{a.train_rows:,} rows of the default synthetic log's train split ({len(files)} Parquet files), "
-                  f"batches of {BATCH} rows, one pass each after a warm-up pass",
+                 ["the default synthetic log's train split at each size, batches of "
+                  f"{BATCH} rows, one pass each after a warm-up pass; Ray Data's rows/s include its start-up (~0.4 s "
+                  "to the first batch), which weighs on the smaller log",
                   f"raw columns: {len(cols)} flat columns (ids, dense, labels); preprocessed: our Preprocessor.transform "
-                  f"on {PREPROCESS_BATCH_ROWS:,}-row batches in both (vocabulary/hash encoding, sequence padding, "
-                  "normalisation), Ray Data running it as map_batches tasks, pyarrow in-process"],
+                  "(vocabulary/hash encoding, sequence padding, normalisation), by Ray Data on whole read blocks "
+                  f"(a file each) in the read tasks, by pyarrow in-process on {ARROW_BATCH_ROWS:,}-row record batches"],
                  "python bench/ingest.py")
-
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,9 @@
 """Ray Data ingest: Parquet splits -> preprocessing fit on train -> model-ready tensor batches.
 
 The data path is one straight line: ``read_parquet`` (column selection, file order shuffled per epoch for
-train) -> ``map_batches(Preprocessor.transform)`` (train: rows permuted within each batch) -> streaming
-split across Train workers -> ``iter_torch_batches``. Nothing is materialised: each epoch re-streams the
-files.
+train) -> ``map_batches(Preprocessor.transform)`` fused into the read task (train: rows permuted within
+windows of each block) -> streaming split across Train workers -> ``iter_torch_batches``. Nothing is
+materialised: each epoch re-streams the files.
 
 A transformed batch holds four packed arrays instead of one column per feature, so a worker converts
 a handful of tensors per batch:
@@ -26,13 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
-from pipeline.config import DatasetSpec
+from pipeline.config import DatasetSpec, TrainConfig
 from pipeline.validate import as_floats, bad_row_masks, split_files
 
 FIT_BATCH_ROWS = 65_536
-# rows per preprocessing call: 8k-row batches gave Ray Data 300k rows/s here, 64k-row ones 440k (fewer,
-# larger blocks through the object store; bench/results/ingest.md)
-PREPROCESS_BATCH_ROWS = 65_536
 IDS = np.int32  # encoded ids
 _REDUCE_EVERY = 2_000_000  # merge partial value counts once this many (value, count) pairs pile up
 
@@ -229,28 +226,35 @@ def read_split(path: str, split: str, spec: DatasetSpec, shuffle_files: bool = F
 
 
 def build_datasets(path: str, spec: DatasetSpec, preprocessor: Preprocessor, splits=("train", "valid", "test"),
-                   batch_rows: int = PREPROCESS_BATCH_ROWS, shuffle_window: int = PREPROCESS_BATCH_ROWS
-                   ) -> dict[str, ray.data.Dataset]:
+                   shuffle_window: int = TrainConfig.shuffle_window) -> dict[str, ray.data.Dataset]:
     """Model-ready datasets per split. Train files are read in a new random order every epoch and the rows
-    of each preprocessing batch (``shuffle_window`` rows of one file) are permuted, by the Data tasks."""
+    of every ``shuffle_window`` rows of a read block are permuted, by the Data tasks.
+
+    The preprocessing takes whole read blocks (``batch_size=None``: a file each, or Ray's target block size of
+    a larger file), so Ray fuses it into the read task: one task reads and preprocesses a file. A batch size
+    stops that fusion (Ray cannot tell how many rows a read yields), which cost ingest 25 % here: every block
+    went through the object store between two tasks (bench/results/ingest.md)."""
     out = {}
     for split in splits:
         train = split == "train" and shuffle_window > 0
         out[split] = read_split(path, split, spec, shuffle_files=(split == "train")).map_batches(
-            PermutedTransform(preprocessor) if train else preprocessor.transform, batch_format="pyarrow",
-            batch_size=shuffle_window if train else batch_rows)
+            PermutedTransform(preprocessor, shuffle_window) if train else preprocessor.transform,
+            batch_format="pyarrow", batch_size=None)
     return out
 
 
 class PermutedTransform:
-    """The preprocessing, then a random permutation of the batch's rows: the within-file part of the
-    per-epoch shuffle, done by the Data tasks. (Ray's local shuffle buffer does it on the training worker,
-    where it cost 13 % of PLE's training throughput on 2 cores; docs/NOTES.md.)"""
+    """The preprocessing, then a random permutation of the rows within every ``window`` rows of the block:
+    the within-file part of the per-epoch shuffle, done by the Data tasks. (Ray's local shuffle buffer does
+    it on the training worker, where it cost 13 % of PLE's training throughput on 2 cores; docs/NOTES.md.)"""
 
-    def __init__(self, preprocessor: Preprocessor) -> None:
-        self.preprocessor = preprocessor
+    def __init__(self, preprocessor: Preprocessor, window: int) -> None:
+        self.preprocessor, self.window = preprocessor, window
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         out = self.preprocessor.transform(batch)
-        order = np.random.default_rng().permutation(batch.num_rows)  # fresh entropy: a new order every epoch
+        rng = np.random.default_rng()  # fresh entropy: a new order every epoch
+        n = batch.num_rows
+        order = np.concatenate([start + rng.permutation(min(self.window, n - start)) for start in range(0, n, self.window)]
+                               or [np.zeros(0, np.int64)])
         return {k: v[order] for k, v in out.items()}

@@ -3,6 +3,7 @@ hashing into the table's range, sequence pad/truncate, dense normalisation, safe
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import from_dict, DatasetSpec
-from pipeline.data import Preprocessor, build_datasets, read_split
+from pipeline.data import PermutedTransform, Preprocessor, build_datasets, read_split
 
 TINY = {
     "name": "tiny",
@@ -83,6 +84,29 @@ def test_synthetic_pipeline_batches(small_log, spec, ray_local):
     assert bool((batch["sparse"] < sizes).all()) and bool((batch["sparse"] >= 0).all())
     assert "oracle" not in next(iter(ds["train"].iter_torch_batches(batch_size=8)))
     assert sum(len(b["labels"]) for b in ds["train"].iter_batches(batch_size=4096, batch_format="numpy")) == 60_000
+    # each split reads and preprocesses a file in one task (a batch size on map_batches breaks this fusion)
+    for split in ("train", "valid"):
+        assert re.search(r"Read\w*->MapBatches", ds[split].stats()), ds[split].stats()
+
+
+def test_permuted_transform_shuffles_within_windows(tiny_ds):
+    """Train rows are permuted within every ``window`` rows of a block: every row kept once, none moved across a
+    window, and a new order on every call (a new epoch)."""
+    spec = from_dict(DatasetSpec, TINY)
+    pre = Preprocessor.fit(read_split(tiny_ds, "train", spec), spec)
+    n, window = 1000, 300
+    batch = pa.table({"u": [7] * n, "s": ["a"] * n, "h": list(range(n)), "hist": [[1]] * n, "x": np.arange(n, dtype=float),
+                      "price": [1.0] * n, "click": [i % 2 for i in range(n)]})
+    permute = PermutedTransform(pre, window)
+    orders = []
+    for _ in range(2):
+        out = permute(batch)
+        order = np.rint(out["dense"][:, 0] * pre.dense_std[0] + pre.dense_mean[0]).astype(int)  # x is the row number
+        assert sorted(order.tolist()) == list(range(n))
+        assert (order // window == np.arange(n) // window).all()
+        assert (out["labels"][:, 0] == order % 2).all()  # the arrays move together
+        orders.append(order)
+    assert not (orders[0] == orders[1]).all() and not (orders[0] == np.arange(n)).all()
 
 
 def test_drop_policy_marks_bad_rows_and_fits_without_them(ray_local):
