@@ -24,7 +24,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT), os.e
 from pipeline.config import DatasetSpec, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data import Preprocessor  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.train import mixed_precision  # noqa: E402
+from pipeline.train import build_optimizers, mixed_precision  # noqa: E402
 from pipeline.validate import split_files  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -127,7 +127,7 @@ def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.
     torch.manual_seed(train.seed)
     torch.set_num_threads(os.cpu_count())
     model = build_model(spec, model_cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, fused=True)
+    optimizers = build_optimizers(model, train, torch.device("cpu"))
     data = {k: torch.from_numpy(v) for k, v in tensors.items()}
     n = len(data["labels"])
     starts = list(range(0, n - batch_size + 1, batch_size))
@@ -138,9 +138,11 @@ def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.
             out = model(batch)
             per_task = model.task_losses(out, batch["labels"])
         loss = per_task.sum() + model.regularizer(out, batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
 
     for i in starts[:warmup_steps]:
         step(i)

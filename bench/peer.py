@@ -89,7 +89,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["ple", "mmoe"])
     p.add_argument("--train-rows", type=int, default=1_000_000, help="rows of the log our pipeline trains on")
-    p.add_argument("--peer-rows", type=int, default=200_000, help="rows torch-rechub and the tight loop train on")
+    p.add_argument("--peer-rows", type=int, default=None,
+                   help="rows torch-rechub and the tight loop train on (default: the train rows, the pipeline's epoch)")
     p.add_argument("--out", default="outputs/bench/peer")
     a = p.parse_args()
     connect_ray()
@@ -98,6 +99,7 @@ def main() -> None:
     spec = DatasetSpec.load(SPEC_PATH)
     default = TrainConfig()
     pre = fit_or_load_preprocessor(JobConfig(data=DataPaths(data, str(SPEC_PATH))), spec, f"{a.out}/ray_results")
+    a.peer_rows = a.peer_rows or a.train_rows
     tensors = preprocessed_rows(data, spec, pre, a.peer_rows)
     bf16 = uses_bf16(default.precision, torch.device("cpu"))
     rows = []
@@ -123,7 +125,8 @@ def main() -> None:
          f"bf16 ({'as this one does' if bf16 else 'this one has not'}), and forced to fp32 in its own column; "
          "torch-rechub's trainer has no mixed precision (fp32)",
          f"our pipeline trains {a.train_rows:,} rows streamed from Parquet; torch-rechub and the in-memory loop train "
-         f"the first {a.peer_rows:,} of them, already preprocessed in memory",
+         + ("the same rows" if a.peer_rows == a.train_rows else f"the first {a.peer_rows:,} of them")
+         + ", already preprocessed in memory",
          "torch-rechub's MLP layers carry BatchNorm (its design); the layer sizes are the same"],
         "python bench/peer.py")
 

@@ -21,6 +21,10 @@ class EmbeddingFront(nn.Module):
 
     Inputs hold table-local indices: ``sparse`` [B, F], ``seq`` [B, S, L] (0 = padding) and ``dense``
     [B, D]. Output: [B, out_dim] = flattened sparse embeddings, pooled sequences, dense.
+
+    ``stacked[g].sparse``: weight g's gradient is sparse (the batch's rows only) instead of a dense tensor of
+    the weight's full size, which the backward zero-fills and the optimiser sweeps every step
+    (``use_sparse_grads``).
     """
 
     def __init__(self, spec: DatasetSpec, init_std: float = 0.02) -> None:
@@ -29,15 +33,20 @@ class EmbeddingFront(nn.Module):
         for table in spec.tables.values():
             by_dim[table.dim].append(table)
         self.dims = sorted(by_dim)
-        self.weights = nn.ParameterList()
+        # nn.Embedding modules only as holders of the stacked weights (looked up with F.embedding/embedding_bag
+        # below): DDP recognises a sparse-gradient parameter by its module's type and ``sparse`` flag
+        self.stacked = nn.ModuleList()
         table_offset: dict[str, int] = {}
         for dim in self.dims:
             rows = 0
             for table in by_dim[dim]:
                 table_offset[table.name] = rows
                 rows += table.num_rows
-            self.weights.append(nn.Parameter(torch.randn(rows, dim) * init_std))
+            self.stacked.append(nn.Embedding(rows, dim, _weight=torch.randn(rows, dim) * init_std))
         group_of = {t.name: self.dims.index(t.dim) for t in spec.tables.values()}
+        self.ids_per_example = [sum(group_of[f.table_name] == g for f in spec.sparse)
+                                + sum(s.max_len for s in spec.sequences if group_of[s.table_name] == g)
+                                for g in range(len(self.dims))]
 
         # per dim group: which sparse columns it serves and their row offsets
         self.sparse_groups: list[int] = []
@@ -68,28 +77,41 @@ class EmbeddingFront(nn.Module):
         parts = []
         for g in self.sparse_groups:
             idx = sparse[:, getattr(self, f"sparse_cols_{g}")] + getattr(self, f"sparse_off_{g}")
-            parts.append(F.embedding(idx, self.weights[g]).reshape(batch, -1))
+            parts.append(F.embedding(idx, self.stacked[g].weight, sparse=self.stacked[g].sparse).reshape(batch, -1))
         for k, (g, pooling) in enumerate(self.seq_groups):
             ids = seq[:, getattr(self, f"seq_cols_{k}")]  # [B, S, L]
-            parts.append(self._pool(ids, getattr(self, f"seq_off_{k}"), self.weights[g], pooling).reshape(batch, -1))
+            parts.append(self._pool(ids, getattr(self, f"seq_off_{k}"), self.stacked[g], pooling).reshape(batch, -1))
         if dense is not None and dense.shape[-1] > 0:
             parts.append(dense)
         return torch.cat(parts, dim=1)
 
+    def use_sparse_grads(self, batch_size: int) -> list[nn.Parameter]:
+        """Sparse gradients for the weights with more rows than a batch looks up (the large id tables; a small
+        one is cheaper to update densely); returns those weights, for a sparse optimiser."""
+        for table, n in zip(self.stacked, self.ids_per_example):
+            table.sparse = table.num_embeddings > batch_size * n
+        return [t.weight for t in self.stacked if t.sparse]
+
+    @property
+    def weights(self) -> list[nn.Parameter]:
+        """The stacked table weights, one per embedding dim (``dims``)."""
+        return [t.weight for t in self.stacked]
+
     @staticmethod
-    def _pool(ids: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, pooling: str) -> torch.Tensor:
+    def _pool(ids: torch.Tensor, offsets: torch.Tensor, table: nn.Embedding, pooling: str) -> torch.Tensor:
         batch, s, length = ids.shape
+        weight, sparse = table.weight, table.sparse
         mask = ids != 0
         idx = (ids + offsets[None, :, None]).reshape(batch * s, length)
         if pooling == "max":
-            emb = F.embedding(idx, weight).masked_fill(~mask.reshape(batch * s, length, 1), -math.inf)
+            emb = F.embedding(idx, weight, sparse=sparse).masked_fill(~mask.reshape(batch * s, length, 1), -math.inf)
             pooled = emb.max(dim=1).values
             return torch.where(torch.isinf(pooled), torch.zeros_like(pooled), pooled).reshape(batch, s, -1)
         w = mask.reshape(batch * s, length).to(weight.dtype)
         if pooling == "mean":
             w = w / w.sum(dim=1, keepdim=True).clamp(min=1)
         # padded positions get weight 0, so an all-padding sequence pools to zeros
-        return F.embedding_bag(idx, weight, per_sample_weights=w, mode="sum").reshape(batch, s, -1)
+        return F.embedding_bag(idx, weight, per_sample_weights=w, mode="sum", sparse=sparse).reshape(batch, s, -1)
 
 
 class MLP(nn.Sequential):

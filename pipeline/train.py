@@ -60,14 +60,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model = build_model(spec, job.model)
     weighting = LossWeighting(spec.task_names, cfg)
-    params = list(model.parameters()) + ([weighting.log_var] if cfg.loss_weighting == "uncertainty" else [])
-    # fused Adam: one kernel over all parameters; 13x faster than the per-tensor loop on CPU here
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    optimizers = build_optimizers(model, cfg, device, [weighting.log_var] if cfg.loss_weighting == "uncertainty" else [])
     best_model = None
     if state is not None:
         model.load_state_dict(state["model"])
         weighting.load_state_dict(state["weighting"])
-        optimizer.load_state_dict(state["optimizer"])
+        for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
         best_model = state["best_model"]
         print(f"resumed from the checkpoint of epoch {progress['epoch'] - 1} (resume {progress['resumes']})")
     model = ray.train.torch.prepare_model(model)  # DDP on >1 worker (gloo on CPU, nccl on GPU)
@@ -99,10 +98,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     per_task = module.task_losses(out, batch["labels"])
                 weighting.gradnorm_step(per_task, module.shared_parameter())
                 loss = weighting(per_task) + module.regularizer(out, batch["labels"])
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 weighting.sync_grads()
-                optimizer.step()
+                for optimizer in optimizers:
+                    optimizer.step()
                 n = batch["labels"].shape[0]
                 loss_sum += torch.cat([loss.detach()[None], per_task.detach()]) * n
                 rows[1] += n
@@ -133,11 +134,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         progress["stopped"] = _broadcast(progress["stopped"])
         epoch_batches = _started_epoch(train_shard, cfg, progress, device)  # while the checkpoint is written
         _report(metrics | {"best_epoch": progress["best_epoch"], "resumes": progress["resumes"]}, rank,
-                {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best_model,
+                {"model": module.state_dict(), "optimizers": [o.state_dict() for o in optimizers], "best_model": best_model,
                  "weighting": weighting.state_dict(), "progress": progress}, loop_config)
 
     # model selection on validation, then one evaluation on test. The final checkpoint keeps the last
-    # epoch's weights and optimiser in "model"/"optimizer" (a rerun with more epochs continues from
+    # epoch's weights and optimisers in "model"/"optimizers" (a rerun with more epochs continues from
     # them) and the selected weights in "best_model" (what inference loads).
     last_model = copy.deepcopy(module.state_dict())
     best_model = _broadcast(best_model)
@@ -145,8 +146,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     final = {"epoch": progress["epoch"] - 1, "best_epoch": progress["best_epoch"], "resumes": progress["resumes"], "final": 1}
     final |= _evaluate(module, "valid", spec, cfg, autocast)
     final |= _evaluate(module, "test", spec, cfg, autocast)
-    _report(final, rank, {"model": last_model, "optimizer": optimizer.state_dict(), "best_model": best_model,
+    _report(final, rank, {"model": last_model, "optimizers": [o.state_dict() for o in optimizers], "best_model": best_model,
                           "weighting": weighting.state_dict(), "progress": progress}, loop_config, final=True)
+
+
+def build_optimizers(model: torch.nn.Module, cfg, device: torch.device, extra_params: list | tuple = ()
+                     ) -> list[torch.optim.Optimizer]:
+    """Fused Adam (one kernel over all parameters; 13x the per-tensor loop on CPU here) for the dense
+    parameters. On CPU the large embedding tables get sparse gradients and lazy Adam (``SparseAdam``: only
+    the rows a batch looked up, and their moments, move), as recsys trainers do for id tables: dense Adam
+    zero-fills and sweeps every row of every table each step, a quarter of a PLE step with 16-dim tables here
+    (docs/NOTES.md). On GPU the tables stay dense: DDP cannot all-reduce sparse gradients over NCCL, and the
+    sweep is cheap there. ``weight_decay`` applies to the dense parameters only."""
+    tables = model.front.use_sparse_grads(cfg.batch_size) if device.type == "cpu" else []
+    dense = [p for p in model.parameters() if all(p is not t for t in tables)] + list(extra_params)
+    optimizers = [torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)]
+    if tables:
+        optimizers.append(torch.optim.SparseAdam(tables, lr=cfg.lr))
+    return optimizers
 
 
 def _started_epoch(shard, cfg, progress: dict, device: torch.device) -> Iterator[dict[str, torch.Tensor]] | None:

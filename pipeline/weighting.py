@@ -60,7 +60,7 @@ class LossWeighting(nn.Module):
         if not self.initial_losses.any():
             self.initial_losses.copy_(losses)
         # ||grad_W (w_k L_k)|| = w_k ||grad_W L_k||: one plain gradient per task, no double backward
-        unit_norms = torch.stack([torch.autograd.grad(task_losses[k], shared, retain_graph=True)[0].norm()
+        unit_norms = torch.stack([_norm(torch.autograd.grad(task_losses[k], shared, retain_graph=True)[0])
                                   for k in range(len(self.tasks))])
         norms = self.gradnorm_w * unit_norms
         ratio = losses / self.initial_losses.clamp(min=1e-12)
@@ -82,3 +82,8 @@ class LossWeighting(nn.Module):
 
     def log(self) -> dict[str, float]:
         return {f"loss_weight/{t}": float(w) for t, w in zip(self.tasks, self.weights())}
+
+
+def _norm(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient's norm; a sparse one (an embedding table's) sums its repeated rows first."""
+    return (grad.coalesce().values() if grad.is_sparse else grad).norm()

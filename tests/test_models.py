@@ -2,14 +2,17 @@
 shapes, funnel constraint, gradients reach every expert, losses behave as documented."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import DatasetSpec, ModelConfig, from_dict
+from pipeline.config import DatasetSpec, ModelConfig, TrainConfig, from_dict
 from pipeline.layers import MLP, EmbeddingFront, Experts, Gate, Tower
 from pipeline.models import build_model
 from pipeline.models.base import multitask_loss
+from pipeline.train import build_optimizers
 
 SPEC = {
     "name": "t",
@@ -204,6 +207,34 @@ def test_training_steps_reduce_loss(spec):
         opt.step()
         click_losses.append(per_task[0].item())
     assert click_losses[-1] < 0.3 * click_losses[0]
+
+
+def test_sparse_embedding_grads_match_dense_and_move_only_looked_up_rows(spec):
+    """On CPU, weights with more rows than a batch looks up get sparse gradients (equal to the dense ones)
+    and lazy Adam, which leaves the rows a batch did not look up as they were; on GPU all stay dense."""
+    cfg = TrainConfig(batch_size=5, lr=1e-2)  # dims [4, 8]: 25 rows vs 5 x 6 ids (dense), 80 vs 5 x 12 (sparse)
+    torch.manual_seed(0)
+    model = build_model(spec, ModelConfig(name="ple", expert_hidden=[16], tower_hidden=[8]))
+    dense_model = copy.deepcopy(model)
+    optimizers = build_optimizers(model, cfg, torch.device("cpu"))
+    assert [t.sparse for t in model.front.stacked] == [False, True]
+    assert [type(o) for o in optimizers] == [torch.optim.Adam, torch.optim.SparseAdam]
+    assert len(build_optimizers(copy.deepcopy(dense_model), cfg, torch.device("cuda"))) == 1
+
+    batch = make_batch(spec, n=5)
+    for m in (model, dense_model):
+        m.task_losses(m(batch), batch["labels"]).sum().backward()
+    table, dense_table = model.front.weights[1], dense_model.front.weights[1]
+    assert table.grad.is_sparse and not dense_table.grad.is_sparse
+    torch.testing.assert_close(table.grad.to_dense(), dense_table.grad)
+    torch.testing.assert_close(model.front.weights[0].grad, dense_model.front.weights[0].grad)
+
+    before = table.detach().clone()
+    for o in optimizers:
+        o.step()
+    moved = (table.detach() != before).any(dim=1)
+    looked_up = dense_table.grad.abs().sum(dim=1) > 0
+    assert moved.any() and (moved == looked_up).all()
 
 
 def test_unknown_model_and_bad_task_order(spec):

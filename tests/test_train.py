@@ -87,7 +87,7 @@ def test_two_worker_run_learns_and_resumes(ray_local, small_log, tmp_path):
     assert metrics["best_epoch"] == best["epoch"]
     assert metrics["valid"]["mean_auc"] == pytest.approx(best["valid/mean_auc"], abs=1e-9)
     state = load_state(out / "checkpoint")  # weights_only load: no arbitrary unpickling
-    assert {"model", "optimizer", "best_model", "preprocessor", "job", "spec", "code_version"} <= set(state)
+    assert {"model", "optimizers", "best_model", "preprocessor", "job", "spec", "code_version"} <= set(state)
     assert (out / "config.yaml").exists()
 
     # same run name, more epochs: resumes after epoch 1 instead of starting over
