@@ -120,7 +120,9 @@ def main() -> None:
         [f"config: experts {cfg.expert_hidden}, towers {cfg.tower_hidden}; PLE {cfg.num_levels} levels x "
          f"({cfg.num_shared_experts} shared + {cfg.num_task_experts} per task) experts; MMoE {cfg.num_experts} experts; "
          f"every embedding table {DIM}-dim (the spec's tables, the category table shared); batch {default.batch_size}; "
-         f"Adam lr {default.lr} (ours fused, torch-rechub's default Adam)",
+         f"Adam lr {default.lr}: ours fused Adam for the dense layers and, on CPU, lazy Adam (SparseAdam) with sparse "
+         "gradients for the large embedding tables (pipeline.train.build_optimizers); torch-rechub's default Adam, "
+         "dense, over everything",
          f"precision: ours by default `train.precision: {default.precision}`, i.e. bf16 autocast where the CPU has native "
          f"bf16 ({'as this one does' if bf16 else 'this one has not'}), and forced to fp32 in its own column; "
          "torch-rechub's trainer has no mixed precision (fp32)",

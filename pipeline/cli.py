@@ -29,6 +29,8 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--loss-weighting", choices=STRATEGIES)
     p.add_argument("--precision", choices=PRECISIONS,
                    help="bf16 autocast; auto: where the GPU or CPU has native bf16 (default)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the experts, gates and towers (pays on epochs of millions of rows)")
     p.add_argument("--name", help="run name; rerunning with the same name resumes from its latest checkpoint")
     p.add_argument("--storage-path", help="checkpoints and results: a local directory or s3://...")
     p.add_argument("--output", help="where metrics.json, config.yaml and checkpoint/ are written")
@@ -45,7 +47,8 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
         "data.path": args.data, "data.spec": args.spec, "data.on_bad_rows": args.on_bad_rows,
         "train.num_workers": args.workers, "train.use_gpu": args.gpu, "train.epochs": args.epochs,
         "train.batch_size": args.batch_size, "train.lr": args.lr, "train.seed": args.seed,
-        "train.loss_weighting": args.loss_weighting, "train.precision": args.precision, "name": args.name, "storage_path": args.storage_path,
+        "train.loss_weighting": args.loss_weighting, "train.precision": args.precision,
+        "train.compile": args.compile, "name": args.name, "storage_path": args.storage_path,
         "output": args.output,
     })
     if not job.data.path:

@@ -59,6 +59,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     epoch_batches = _started_epoch(train_shard, cfg, progress, device)  # its start-up overlaps the set-up below
 
     model = build_model(spec, job.model)
+    if cfg.compile:  # dynamic: the last, smaller batch and evaluation's batches reuse the compiled graph
+        model.task_logits = torch.compile(model.task_logits, dynamic=True)
     weighting = LossWeighting(spec.task_names, cfg)
     optimizers = build_optimizers(model, cfg, device, [weighting.log_var] if cfg.loss_weighting == "uncertainty" else [])
     best_model = None
