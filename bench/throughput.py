@@ -3,8 +3,8 @@
 Pipeline: the default PLE job (Ray Data streaming the Parquet log -> preprocessing -> Ray Train), one epoch,
 samples/s of its training loop (``train/samples_per_s``: from the loop asking for its first batch to the
 last step, so what the model's set-up did not hide of the Data start-up counts). Limit: the same model,
-batch size, loss and fused Adam in a tight single-process loop over as many rows, already in memory as
-tensors, with all the cores. Measured side by side in one run.
+batch size, loss and optimisers (``build_optimizers``) in a tight single-process loop over as many rows,
+already in memory as tensors, with all the cores. Measured side by side in one run.
 
     python bench/throughput.py                 # -> bench/results/throughput.md
 """

@@ -254,7 +254,7 @@ class PermutedTransform:
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         out = self.preprocessor.transform(batch)
         rng = np.random.default_rng()  # fresh entropy: a new order every epoch
-        n = batch.num_rows
-        order = np.concatenate([start + rng.permutation(min(self.window, n - start)) for start in range(0, n, self.window)]
-                               or [np.zeros(0, np.int64)])
+        order = np.arange(batch.num_rows)
+        for start in range(0, batch.num_rows, self.window):
+            rng.shuffle(order[start:start + self.window])  # in place, through the view
         return {k: v[order] for k, v in out.items()}
