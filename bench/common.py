@@ -24,7 +24,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT), os.e
 from pipeline.config import DatasetSpec, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data import Preprocessor  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.train import build_optimizers, mixed_precision  # noqa: E402
+from pipeline.train import build_optimizers, keep_freed_memory, mixed_precision  # noqa: E402
 from pipeline.validate import split_files  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -126,6 +126,8 @@ def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.
     batch_size, autocast = train.batch_size, mixed_precision(train.precision, torch.device("cpu"))
     torch.manual_seed(train.seed)
     torch.set_num_threads(os.cpu_count())
+    if train.keep_freed_memory:  # the pipeline's workers' allocator setting
+        keep_freed_memory()
     model = build_model(spec, model_cfg)
     optimizers = build_optimizers(model, train, torch.device("cpu"))
     data = {k: torch.from_numpy(v) for k, v in tensors.items()}

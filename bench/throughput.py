@@ -4,7 +4,13 @@ Pipeline: the default PLE job (Ray Data streaming the Parquet log -> preprocessi
 samples/s of its training loop (``train/samples_per_s``: from the loop asking for its first batch to the
 last step, so what the model's set-up did not hide of the Data start-up counts). Limit: the same model,
 batch size, loss and optimisers (``build_optimizers``) in a tight single-process loop over as many rows,
-already in memory as tensors, with all the cores. Measured side by side in one run.
+already in memory as tensors, with all the cores and no Ray running.
+
+The step time here drifts by +-10-15 % over tens of seconds (other tenants of the host), so a ratio of two
+numbers taken minutes apart says more about the drift than about the pipeline. Every run is therefore
+paired: the limit is measured right before and right after it, and the run's ratio is to the mean of the
+two. The table shows the median over the repeats and the range. Each run starts a fresh Ray instance, as a
+submitted job gets fresh worker processes.
 
     python bench/throughput.py                 # -> bench/results/throughput.md
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from statistics import median
 
 import torch
 from common import limit_in_a_train_worker, preprocessed_rows, tight_loop, without_ray, write_result
@@ -40,7 +47,7 @@ def main() -> None:
     p.add_argument("--train-rows", type=int, default=1_000_000)
     p.add_argument("--limit-rows", type=int, default=None,
                    help="rows of the in-memory tight loop (default: the train rows, as many steps as the pipeline's epoch)")
-    p.add_argument("--repeats", type=int, default=2, help="pipeline runs per worker count; the best is reported")
+    p.add_argument("--repeats", type=int, default=3, help="paired runs of each kind; the table shows their median")
     p.add_argument("--out", default="outputs/bench/throughput")
     a = p.parse_args()
     connect_ray()
@@ -49,54 +56,66 @@ def main() -> None:
     shutil.rmtree(a.out, ignore_errors=True)  # fresh runs, not resumed ones
     data = str(default_synthetic_data({"train": a.train_rows, "valid": 100_000, "test": 100_000}))
     spec = DatasetSpec.load(SPEC_PATH)
-    default = TrainConfig()
+    default, model = TrainConfig(), ModelConfig(name=a.model)
     probe = JobConfig(data=DataPaths(data, str(SPEC_PATH)), storage_path=f"{a.out}/ray_results")
     pre = fit_or_load_preprocessor(probe, spec, f"{a.out}/ray_results")
-
-    # as many rows as the pipeline's epoch: the step time drifts by +-10 % over seconds on this machine, and a
-    # shorter loop's best of two is a high draw from that noise rather than a ceiling the epoch could sustain
-    a.limit_rows = a.limit_rows or a.train_rows
+    a.limit_rows = a.limit_rows or a.train_rows  # as many steps as the pipeline's epoch
     tensors = preprocessed_rows(data, spec, pre, a.limit_rows)
-    limits = [without_ray(tight_loop, spec, ModelConfig(name=a.model), tensors, default)]
-    runs = {w: [pipeline_samples_per_s(data, ModelConfig(name=a.model), w, a.out, f"{a.model}-{w}w-{r}")
-                for r in range(a.repeats)]
-            for w in (1, 2)}
-    one, two = (max(runs[w], key=lambda m: m["epoch"]) for w in (1, 2))  # the better run, as for the limit
-    limits.append(without_ray(tight_loop, spec, ModelConfig(name=a.model), tensors, default))
-    limit = max(limits)  # the ceiling: the better of a measurement before and one after the pipeline runs
-    in_worker = limit_in_a_train_worker(spec, ModelConfig(name=a.model), tensors, default)
+
+    def limit() -> float:  # Ray shut down while it runs; started afresh after it, for the next run
+        return without_ray(tight_loop, spec, model, tensors, default)
+
+    kinds = {"1 worker": lambda r: pipeline_samples_per_s(data, model, 1, a.out, f"{a.model}-1w-{r}"),
+             "2 workers": lambda r: pipeline_samples_per_s(data, model, 2, a.out, f"{a.model}-2w-{r}"),
+             "in-worker loop": lambda r: {"steady": limit_in_a_train_worker(spec, model, tensors, default)}}
+    limits, runs = [limit()], {k: [] for k in kinds}
+    for r in range(a.repeats):
+        for kind, measure in kinds.items():
+            m = measure(r)
+            limits.append(limit())
+            runs[kind].append(m | {"limit": (limits[-2] + limits[-1]) / 2})
+            print(f"{kind} run {r}: " + ", ".join(f"{k} {v:,.2f}" for k, v in runs[kind][-1].items()), flush=True)
+
+    def row(measure: str, kind: str, key: str, per_worker: dict | None = None) -> dict:
+        values = [m[key] for m in runs[kind]]
+        ratios = [m[key] / m["limit"] for m in runs[kind]]
+        out = {"measure": measure, "samples/s": median(values), "/ limit": median(ratios),
+               "/ limit, range": f"{min(ratios):.3f}-{max(ratios):.3f}"}
+        if per_worker is not None:
+            out["2 workers / 1 worker"] = median(values) / median(m[key] for m in per_worker)
+        return out
+
     name = a.model.upper()
-    bf16 = uses_bf16(default.precision, torch.device("cpu"))
+    wait = {k: median(m["first_batch_s"] for m in runs[k]) for k in ("1 worker", "2 workers")}
     rows = [
-        {"measure": f"{name} tight in-memory loop, same model/batch/optimiser (the limit)", "samples/s": limit,
-         "/ limit": 1.0},
-        {"measure": f"{name} same tight loop inside a 1-worker Ray Train run (Ray's own cost, no Data)",
-         "samples/s": in_worker, "/ limit": in_worker / limit},
-        {"measure": f"{name} pipeline, 1 worker, after the first batch", "samples/s": one["steady"],
-         "/ limit": one["steady"] / limit},
-        {"measure": f"{name} pipeline, 1 worker, whole epoch (incl. {one['first_batch_s']:.1f} s waiting for the first batch)",
-         "samples/s": one["epoch"], "/ limit": one["epoch"] / limit},
-        {"measure": f"{name} pipeline, 2 workers, after the first batch", "samples/s": two["steady"],
-         "/ limit": two["steady"] / limit, "2 workers / 1 worker": two["steady"] / one["steady"]},
-        {"measure": f"{name} pipeline, 2 workers, whole epoch (incl. {two['first_batch_s']:.1f} s waiting for the first batch)",
-         "samples/s": two["epoch"], "/ limit": two["epoch"] / limit, "2 workers / 1 worker": two["epoch"] / one["epoch"]},
+        {"measure": f"{name} tight in-memory loop, same model/batch/optimiser (the limit)", "samples/s": median(limits),
+         "/ limit": 1.0, "/ limit, range": f"{min(limits):,.0f}-{max(limits):,.0f} samples/s"},
+        row(f"{name} same tight loop inside a 1-worker Ray Train run (Ray's own cost, no Data)", "in-worker loop", "steady"),
+        row(f"{name} pipeline, 1 worker, after the first batch", "1 worker", "steady"),
+        row(f"{name} pipeline, 1 worker, whole epoch (incl. {wait['1 worker']:.1f} s waiting for the first batch)",
+            "1 worker", "epoch"),
+        row(f"{name} pipeline, 2 workers, after the first batch", "2 workers", "steady", runs["1 worker"]),
+        row(f"{name} pipeline, 2 workers, whole epoch (incl. {wait['2 workers']:.1f} s waiting for the first batch)",
+            "2 workers", "epoch", runs["1 worker"]),
     ]
+    bf16 = uses_bf16(default.precision, torch.device("cpu"))
     write_result(
-        "throughput", f"Training throughput: {a.model.upper()} pipeline vs the in-memory limit, 1 vs 2 workers", rows,
-        [f"default job config: batch {default.batch_size}, Adam(fused) lr {default.lr}, precision {default.precision} "
-         f"({'bf16 autocast' if bf16 else 'fp32'} on this machine), "
-         f"{json.dumps(ModelConfig(name=a.model).__dict__)}",
+        "throughput", f"Training throughput: {name} pipeline vs the in-memory limit, 1 vs 2 workers", rows,
+        [f"default job config: batch {default.batch_size}, optimisers of pipeline.train.build_optimizers, lr {default.lr}, "
+         f"precision {default.precision} ({'bf16 autocast' if bf16 else 'fp32'} on this machine), "
+         f"{json.dumps(model.__dict__)}",
          f"data: the default synthetic log, {a.train_rows:,} train rows; the tight loop runs over the first "
          f"{a.limit_rows:,} of them, preprocessed into tensors beforehand",
          "pipeline samples/s: train rows / time of the epoch's training loop, from the loop asking for its first batch "
          "(whole epoch) or from the first batch's arrival (after the first batch) to the last optimiser step; the "
          "loop requests the first batch before it builds the model, and the wait shown is the part of the Data "
          "start-up that this did not hide",
-         f"tight loop measured with Ray shut down, before and after the pipeline runs: {limits[0]:,.0f} and "
-         f"{limits[1]:,.0f} samples/s; the ceiling is the better one",
-         "pipeline runs (whole epoch / after the first batch, samples/s): " + "; ".join(
-             f"{w} worker(s): " + ", ".join(f"{m['epoch']:,.0f} / {m['steady']:,.0f}" for m in ms) for w, ms in runs.items())
-         + "; the table shows the better run of each"],
+         f"paired: each run's ratio is to the mean of the limit measured right before and right after it (Ray shut "
+         f"down meanwhile); the table shows the median of {a.repeats} runs of each kind and the range of their ratios",
+         "limit measurements in order, samples/s: " + ", ".join(f"{v:,.0f}" for v in limits),
+         "runs in order of each kind (whole epoch / after the first batch, samples/s): " + "; ".join(
+             f"{k}: " + ", ".join(f"{m['epoch']:,.0f} / {m['steady']:,.0f}" if "epoch" in m else f"{m['steady']:,.0f}"
+                                  for m in ms) for k, ms in runs.items())],
         "python bench/throughput.py")
 
 

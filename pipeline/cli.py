@@ -31,6 +31,8 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
                    help="bf16 autocast; auto: where the GPU or CPU has native bf16 (default)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the experts, gates and towers (pays on epochs of millions of rows)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="glibc malloc keeps what a step frees: faster on CPU, higher peak memory")
     p.add_argument("--name", help="run name; rerunning with the same name resumes from its latest checkpoint")
     p.add_argument("--storage-path", help="checkpoints and results: a local directory or s3://...")
     p.add_argument("--output", help="where metrics.json, config.yaml and checkpoint/ are written")
@@ -48,8 +50,8 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
         "train.num_workers": args.workers, "train.use_gpu": args.gpu, "train.epochs": args.epochs,
         "train.batch_size": args.batch_size, "train.lr": args.lr, "train.seed": args.seed,
         "train.loss_weighting": args.loss_weighting, "train.precision": args.precision,
-        "train.compile": args.compile, "name": args.name, "storage_path": args.storage_path,
-        "output": args.output,
+        "train.compile": args.compile, "train.keep_freed_memory": args.keep_freed_memory, "name": args.name,
+        "storage_path": args.storage_path, "output": args.output,
     })
     if not job.data.path:
         from pipeline.job import default_synthetic_data
