@@ -46,7 +46,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(loop_config["torch_threads"])
-    if job.train.keep_freed_memory:
+    if cfg.keep_freed_memory:
         keep_freed_memory()
     torch.manual_seed(cfg.seed)  # same initial weights on every worker; DDP also broadcasts them
     device = ray.train.torch.get_device()
