@@ -9,7 +9,8 @@ import os
 import shutil
 import signal
 import threading
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -42,28 +43,36 @@ def _registered_checkpoints(run_dir) -> list:
         return []
 
 
-def _kill_a_worker_after_first_checkpoint(run_dir, killed: list) -> threading.Thread:
+@contextmanager
+def _killing_a_worker_after_first_checkpoint(run_dir) -> Iterator[list]:
     """SIGKILL one Ray Train worker process as soon as the run's first checkpoint is registered, i.e. while
-    the workers train the next epoch."""
+    the workers train the next epoch. Yields the list of (pid, checkpoints registered) killed; it stays
+    empty if the run is over before its first checkpoint."""
+    killed: list = []
+    run_over = threading.Event()
+
     def kill():
-        deadline = time.time() + 300
-        while time.time() < deadline and not _registered_checkpoints(run_dir):
-            time.sleep(0.2)
+        while not _registered_checkpoints(run_dir):
+            if run_over.wait(0.2):
+                return
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        os.kill(workers[0].pid, signal.SIGKILL)
-        killed.append((workers[0].pid, len(_registered_checkpoints(run_dir))))
+        if workers:
+            os.kill(workers[0].pid, signal.SIGKILL)
+            killed.append((workers[0].pid, len(_registered_checkpoints(run_dir))))
 
     thread = threading.Thread(target=kill, daemon=True)
     thread.start()
-    return thread
+    try:
+        yield killed
+    finally:
+        run_over.set()
+        thread.join()
 
 
 def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(ray_local, small_log, tmp_path):
     uninterrupted = run(_job(small_log, tmp_path, "whole"))
-    killed: list = []
-    thread = _kill_a_worker_after_first_checkpoint(tmp_path / "results" / "killed", killed)
-    metrics = run(_job(small_log, tmp_path, "killed"))
-    thread.join()
+    with _killing_a_worker_after_first_checkpoint(tmp_path / "results" / "killed") as killed:
+        metrics = run(_job(small_log, tmp_path, "killed"))
     assert killed and killed[0][1] == 1, "the worker was not killed during the second epoch"
     assert metrics["resumes"] == 1  # the worker group restarted once, from the epoch-0 checkpoint
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
@@ -76,11 +85,9 @@ def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(ray_local, sm
 
 def test_a_failed_run_keeps_its_checkpoint_and_a_rerun_resumes(ray_local, small_log, tmp_path):
     run_dir = tmp_path / "results" / "fails"
-    killed: list = []
-    thread = _kill_a_worker_after_first_checkpoint(run_dir, killed)
-    with pytest.raises(TrainingFailedError):
+    with _killing_a_worker_after_first_checkpoint(run_dir) as killed, pytest.raises(TrainingFailedError) as failed:
         run(_job(small_log, tmp_path, "fails", max_failures=0))
-    thread.join()
+    assert killed, f"the run failed before the worker was killed: {failed.value!r}"
     saved = _registered_checkpoints(run_dir)
     assert len(saved) == 1 and (run_dir / saved[0]["checkpoint_dir_name"] / "config.json").exists()
     state = load_state(run_dir / saved[0]["checkpoint_dir_name"])  # weights_only: the checkpoint is intact and safe to load
