@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from statistics import median
 
 import torch
@@ -51,8 +52,6 @@ def main() -> None:
     p.add_argument("--out", default="outputs/bench/throughput")
     a = p.parse_args()
     connect_ray()
-    import shutil
-
     shutil.rmtree(a.out, ignore_errors=True)  # fresh runs, not resumed ones
     data = str(default_synthetic_data({"train": a.train_rows, "valid": 100_000, "test": 100_000}))
     spec = DatasetSpec.load(SPEC_PATH)
