@@ -196,6 +196,17 @@ def _int_lookup(values: np.ndarray) -> tuple:
     return lo, None, values[order], rows[order]
 
 
+def zeros_batch(spec: DatasetSpec, rows: int) -> dict[str, np.ndarray]:
+    """A batch of all-zero rows (out-of-vocabulary ids, mean dense values) in ``Preprocessor.transform``'s layout."""
+    out = {"sparse": np.zeros((rows, len(spec.sparse)), dtype=IDS)}
+    if spec.sequences:
+        out["seq"] = np.zeros((rows, len(spec.sequences), max(s.max_len for s in spec.sequences)), dtype=IDS)
+    if spec.dense:
+        out["dense"] = np.zeros((rows, len(spec.dense)), dtype=np.float32)
+    out["labels"] = np.zeros((rows, len(spec.label_columns)), dtype=np.float32)
+    return out
+
+
 def without_bad_rows(batch: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
     """A worker's batch without the rows the preprocessing marked bad (on_bad_rows: drop)."""
     keep = batch["keep"]

@@ -27,7 +27,7 @@ from torch.distributed.algorithms.join import Join
 
 from pipeline.checkpoint import load_state, save_state
 from pipeline.config import DatasetSpec, JobConfig, from_dict
-from pipeline.data import without_bad_rows
+from pipeline.data import without_bad_rows, zeros_batch
 from pipeline.diagnostics import GateStats, merge_states, summarize
 from pipeline.metrics import gather_to_rank0, predict_shard, split_metrics
 from pipeline.models import build_model
@@ -76,6 +76,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         print(f"resumed from the checkpoint of epoch {progress['epoch'] - 1} (resume {progress['resumes']})")
     model = ray.train.torch.prepare_model(model)  # DDP on >1 worker (gloo on CPU, nccl on GPU)
     module = model.module if hasattr(model, "module") else model
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        _define_gradient_buckets(model, spec, device)
     best_model = best_model or copy.deepcopy(module.state_dict())
     weighting.to(device)
 
@@ -113,9 +115,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 loss_sum += torch.cat([loss.detach()[None], per_task.detach()]) * n
                 rows[1] += n
         train_seconds = time.time() - t0
+        worker_rows = torch.stack([rows[1], -rows[1]])  # the most and (negated) the fewest rows a worker trained
         if dist.is_initialized():
             dist.all_reduce(loss_sum)
             dist.all_reduce(rows)
+            dist.all_reduce(worker_rows, op=dist.ReduceOp.MAX)
         rows_read, n_rows = rows.tolist()
         steady_seconds = train_seconds - (first_batch_seconds or 0.0)
         metrics = {"epoch": epoch, "train/rows_read": rows_read, "train/rows_trained": n_rows, "train/seconds": train_seconds,
@@ -123,6 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                    "train/first_batch_seconds": first_batch_seconds or 0.0,
                    # after the first batch (per worker, as rank 0 saw it): the steady state that the start-up hides
                    "train/steady_samples_per_s": (n_rows - first_rows * ctx.get_world_size()) / max(steady_seconds, 1e-9),
+                   "train/worker_rows_max": worker_rows[0].item(), "train/worker_rows_min": -worker_rows[1].item(),
                    "train/loss": loss_sum[0].item() / max(n_rows, 1)}
         metrics |= {f"train/{t}/loss": loss_sum[j + 1].item() / max(n_rows, 1) for j, t in enumerate(spec.task_names)}
         metrics |= {f"train/{k}": v for k, v in weights_used.items()}
@@ -187,6 +192,20 @@ def keep_freed_memory() -> None:
         return
     libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)  # free space at the top of a heap is kept up to 64 MiB
     libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MiB (glibc's maximum) come from the heap
+
+
+def _define_gradient_buckets(model: torch.nn.parallel.DistributedDataParallel, spec: DatasetSpec, device: torch.device
+                             ) -> None:
+    """Two zero-weighted backwards on every worker before training. A worker whose shard has no rows in an
+    epoch (a log of fewer files than workers; a shard of dropped rows only) trains no step in it, and on
+    leaving ``Join`` its hook shadows the other workers' all-reduces with zeros shaped like its gradient
+    buckets. DDP rebuilds its buckets once, at the second forward, and the bucket of a sparse table has no
+    gradient until a backward after that, so the hook failed there ("Expected a proper Tensor but got
+    None"). All gradients stay zero, and no optimiser steps on them."""
+    batch = {k: torch.from_numpy(v).to(device) for k, v in zeros_batch(spec, rows=2).items()}
+    for _ in range(2):
+        (model(batch)["logits"].sum() * 0).backward()
+    model.zero_grad(set_to_none=True)
 
 
 def _started_epoch(shard, cfg, progress: dict, device: torch.device) -> Iterator[dict[str, torch.Tensor]] | None:

@@ -1,5 +1,6 @@
 """Ray Train end to end on a local 2-CPU Ray instance: exact global AUC across 2 workers, a 2-worker
-run that learns, resumes from its checkpoint, and keeps test out of model selection."""
+run that learns, resumes from its checkpoint, and keeps test out of model selection, and a worker with
+an empty shard."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ from pipeline.checkpoint import load_state
 from pipeline.config import DataPaths, JobConfig, ModelConfig, TrainConfig
 from pipeline.job import ExactSplitDataConfig, run
 from pipeline.metrics import gather_to_rank0, split_metrics
-from pipeline.synthetic import SPEC_PATH
+from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
 
 
 def _auc_loop(config):
@@ -102,6 +103,20 @@ def test_two_worker_run_learns_and_resumes(ray_local, small_log, tmp_path):
     again = run(_job(small_log, tmp_path, epochs=3))
     assert again["history"] == resumed["history"]
     assert again["test"] == resumed["test"]
+
+
+def test_a_worker_whose_shard_is_empty_waits_for_the_other(ray_local, tmp_path):
+    """One file per split and 2 workers: rank 1 gets no rows. It leaves DDP's Join at once and shadows the
+    other's all-reduces, sparse-table gradients included; every row is still trained and evaluated."""
+    log = generate(tmp_path / "one_file", SyntheticConfig(rows={"train": 3000, "valid": 1000, "test": 1000},
+                                                         rows_per_file=10_000, num_users=5_000, num_items=10_000, seed=4))
+    job = _job(log, tmp_path, epochs=2, name="one_file")
+    job.train.batch_size = 256  # the user and item tables (5k, 10k rows) get sparse gradients
+    metrics = run(job)
+    for h in metrics["history"]:
+        assert h["train/rows_trained"] == h["train/worker_rows_max"] == 3000 and h["train/worker_rows_min"] == 0
+    assert metrics["valid"]["rows"] == metrics["test"]["rows"] == 1000
+    assert all(np.isfinite(metrics["test"][t]["auc"]) for t in ("click", "convert"))
 
 
 def test_rerun_with_other_data_is_refused(tmp_path, small_log):
