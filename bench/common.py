@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import platform
 import sys
+import tempfile
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,7 +25,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT), os.e
 from pipeline.config import DatasetSpec, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data import Preprocessor  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.train import build_optimizers, keep_freed_memory, mixed_precision  # noqa: E402
+from pipeline.train import build_optimizers, freed_memory_kept, mixed_precision  # noqa: E402
 from pipeline.validate import split_files  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -126,8 +127,6 @@ def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.
     batch_size, autocast = train.batch_size, mixed_precision(train.precision, torch.device("cpu"))
     torch.manual_seed(train.seed)
     torch.set_num_threads(os.cpu_count())
-    if train.keep_freed_memory:  # the pipeline's workers' allocator setting
-        keep_freed_memory()
     model = build_model(spec, model_cfg)
     optimizers = build_optimizers(model, train, torch.device("cpu"))
     data = {k: torch.from_numpy(v) for k, v in tensors.items()}
@@ -146,9 +145,10 @@ def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.
         for optimizer in optimizers:
             optimizer.step()
 
-    for i in starts[:warmup_steps]:
-        step(i)
-    t0 = time.perf_counter()
-    for i in starts:
-        step(i)
-    return len(starts) * batch_size / (time.perf_counter() - t0)
+    with freed_memory_kept() if train.keep_freed_memory else nullcontext():  # as the pipeline's training steps
+        for i in starts[:warmup_steps]:
+            step(i)
+        t0 = time.perf_counter()
+        for i in starts:
+            step(i)
+        return len(starts) * batch_size / (time.perf_counter() - t0)

@@ -32,7 +32,7 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the experts, gates and towers (pays on epochs of millions of rows)")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="glibc malloc keeps what a step frees: faster on CPU, higher peak memory")
+                   help="glibc malloc keeps what a training step frees for the next (default; faster on CPU)")
     p.add_argument("--name", help="run name; rerunning with the same name resumes from its latest checkpoint")
     p.add_argument("--storage-path", help="checkpoints and results: a local directory or s3://...")
     p.add_argument("--output", help="where metrics.json, config.yaml and checkpoint/ are written")

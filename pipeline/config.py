@@ -238,9 +238,10 @@ class TrainConfig:
     # PLE on this repo's 2-core CPU: +20-27 % samples/s after a 7-18 s compile per worker (and one more for
     # evaluation), so it pays on epochs of several million rows, not on the 1M-row default (docs/NOTES.md)
     compile: bool = False
-    # glibc malloc keeps the memory a step frees instead of page-faulting it in again every step (+10-20 %
-    # samples/s on CPU here), at the cost of a higher peak: 1.31-1.47x at 10M rows vs 1M (off: ~1.27x)
-    keep_freed_memory: bool = False
+    # during the training steps, glibc malloc keeps the memory a step frees instead of page-faulting it in
+    # again every step (+10-20 % samples/s on CPU here); evaluation runs with glibc's defaults, so the peak
+    # memory at 10M rows stays 1.21x that at 1M (docs/NOTES.md)
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.data_buffer_mb <= 0:

@@ -2,7 +2,7 @@
 
 The data path is one straight line: ``read_parquet`` (column selection, file order shuffled per epoch for
 train) -> ``map_batches(Preprocessor.transform)`` fused into the read task (train: rows permuted within
-windows of each block) -> streaming split across Train workers -> ``iter_torch_batches``. Nothing is
+windows of each block) -> streaming split across Train workers -> ``tensor_batches``. Nothing is
 materialised: each epoch re-streams the files.
 
 A transformed batch holds four packed arrays instead of one column per feature, so a worker converts
@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
+from ray.data.collate_fn import DefaultCollateFn
 
 from pipeline.config import DatasetSpec, TrainConfig
 from pipeline.validate import as_floats, bad_row_masks, split_files
@@ -252,6 +253,16 @@ def build_datasets(path: str, spec: DatasetSpec, preprocessor: Preprocessor, spl
             PermutedTransform(preprocessor, shuffle_window) if train else preprocessor.transform,
             batch_format="pyarrow", batch_size=None)
     return out
+
+
+def tensor_batches(ds, batch_size: int, device: "torch.device | None" = None, **kwargs):
+    """``iter_torch_batches`` with each batch's columns converted to tensors in the iterator's own (prefetch)
+    thread. Ray's default collate hands them to a pool of 4 threads: over a materialised 1M-row split here,
+    ~6k more context switches and 0.1 s more CPU (3.7M -> 5.8M rows/s), wake-ups that preempt a training
+    worker's compute threads on a small machine."""
+    cuda = device is not None and device.type == "cuda"
+    return ds.iter_torch_batches(batch_size=batch_size, device=device or "auto", pin_memory=cuda,
+                                 collate_fn=DefaultCollateFn(num_workers=0), **kwargs)
 
 
 class PermutedTransform:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from torch.distributed.algorithms.join import Join
 
 from pipeline.checkpoint import load_state, save_state
 from pipeline.config import DatasetSpec, JobConfig, from_dict
-from pipeline.data import without_bad_rows, zeros_batch
+from pipeline.data import tensor_batches, without_bad_rows, zeros_batch
 from pipeline.diagnostics import GateStats, merge_states, summarize
 from pipeline.metrics import gather_to_rank0, predict_shard, split_metrics
 from pipeline.models import build_model
@@ -46,8 +46,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(loop_config["torch_threads"])
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
     torch.manual_seed(cfg.seed)  # same initial weights on every worker; DDP also broadcasts them
     device = ray.train.torch.get_device()
     autocast = mixed_precision(cfg.precision, device)
@@ -91,7 +89,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # shards can differ by a batch or two (no rows are dropped to equalise them); Join lets a worker
         # that runs out early shadow the others' all-reduces instead of hanging them
         first_batch_seconds, first_rows = None, 0
-        with Join([model]) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext():
+        with (Join([model]) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext(),
+              freed_memory_kept() if cfg.keep_freed_memory else nullcontext()):
             for batch in epoch_batches:
                 if first_batch_seconds is None:  # what is left of the data pipeline's start-up
                     first_batch_seconds, first_rows = time.time() - t0, batch["labels"].shape[0]
@@ -177,21 +176,31 @@ def build_optimizers(model: torch.nn.Module, cfg, device: torch.device, extra_pa
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+GLIBC_DEFAULT_THRESHOLD = 128 << 10
 
 
-def keep_freed_memory() -> None:
-    """Have glibc's malloc keep the memory a training step frees for the next step. By default it hands the
-    step's activation buffers back to the kernel (munmap, heap trimming) and the next step page-faults them
-    in again, zero-filled: in a Train worker (a fresh process) 2.6M page faults and ~12 % of a PLE worker's
-    CPU per 1M rows here. Fixed thresholds stop both, but the heaps keep what they grew to: the peak memory
-    of a 10M-row job rose from ~1.27x to 1.31-1.47x that of a 1M-row one, hence opt-in
-    (``train.keep_freed_memory``; docs/NOTES.md). A no-op where the C library is not glibc."""
+@contextmanager
+def freed_memory_kept() -> Iterator[None]:
+    """Within it, glibc's malloc keeps the memory a training step frees for the next step. By default it
+    hands the step's activation buffers back to the kernel (munmap, heap trimming) and the next step
+    page-faults them in again, zero-filled: in a Train worker (a fresh process) 2.6M page faults and ~12 % of
+    a PLE worker's CPU per 1M rows here. Fixed thresholds stop both. On leaving, the thresholds go back to
+    glibc's initial values and the heaps are trimmed, so that what evaluation allocates (its size grows with
+    the split) is handed back when freed and the heaps do not keep it (docs/NOTES.md). A no-op where the C
+    library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
+        yield
         return
     libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)  # free space at the top of a heap is kept up to 64 MiB
     libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MiB (glibc's maximum) come from the heap
+    try:
+        yield
+    finally:
+        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        libc.malloc_trim(0)
 
 
 def _define_gradient_buckets(model: torch.nn.parallel.DistributedDataParallel, spec: DatasetSpec, device: torch.device
@@ -215,10 +224,9 @@ def _started_epoch(shard, cfg, progress: dict, device: torch.device) -> Iterator
     trains: building the model, or writing the previous epoch's checkpoint."""
     if progress["epoch"] >= cfg.epochs or progress["stopped"]:
         return None
-    batches = iter(shard.iter_torch_batches(
-        batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-        local_shuffle_seed=cfg.seed + progress["epoch"], device=device, prefetch_batches=2,
-        pin_memory=device.type == "cuda"))
+    batches = iter(tensor_batches(
+        shard, cfg.batch_size, device, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+        local_shuffle_seed=cfg.seed + progress["epoch"], prefetch_batches=2))
     fetcher = ThreadPoolExecutor(1, thread_name_prefix="first-batch")
     first = fetcher.submit(next, batches, None)
     fetcher.shutdown(wait=False)
@@ -251,7 +259,7 @@ def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, cfg, autoc
     shard = ray.train.get_dataset_shard(split)
     gates = GateStats()
     device = ray.train.torch.get_device()
-    batches = shard.iter_torch_batches(batch_size=cfg.batch_size * 4, device=device, pin_memory=device.type == "cuda")
+    batches = tensor_batches(shard, cfg.batch_size * 4, device)
     with autocast:
         local = predict_shard(module, batches, len(spec.tasks), gates)
     gathered = gather_to_rank0(local)
