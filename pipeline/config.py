@@ -240,7 +240,7 @@ class TrainConfig:
     compile: bool = False
     # during the training steps, glibc malloc keeps the memory a step frees instead of page-faulting it in
     # again every step (+10-20 % samples/s on CPU here); evaluation runs with glibc's defaults, so the peak
-    # memory at 10M rows stays 1.21x that at 1M (docs/NOTES.md)
+    # memory at 10M rows stays 1.18-1.21x that at 1M (docs/NOTES.md)
     keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
