@@ -95,18 +95,14 @@ class Preprocessor:
 
     def transform(self, batch: pa.Table) -> dict[str, np.ndarray]:
         spec, n = self.spec, batch.num_rows
-        out: dict[str, np.ndarray] = {}
+        out = zeros_batch(spec, n)  # the layout; ids and padding filled in place below
         if self.drop_bad_rows:  # bad values below are encoded harmlessly; their rows are never used
             masks = bad_row_masks(batch, spec)
             out["keep"] = ~np.logical_or.reduce([m for *_, m in masks]) if masks else np.ones(n, bool)
-        out["sparse"] = np.zeros((n, len(spec.sparse)), dtype=IDS)
         for j, f in enumerate(spec.sparse):
             out["sparse"][:, j] = self._encode(batch[f.name].combine_chunks(), f.table_name)
-        if spec.sequences:
-            max_len = max(s.max_len for s in spec.sequences)
-            out["seq"] = np.zeros((n, len(spec.sequences), max_len), dtype=IDS)
-            for j, s in enumerate(spec.sequences):
-                out["seq"][:, j, : s.max_len] = self._encode_sequence(batch[s.name].combine_chunks(), s)
+        for j, s in enumerate(spec.sequences):
+            out["seq"][:, j, : s.max_len] = self._encode_sequence(batch[s.name].combine_chunks(), s)
         if spec.dense:
             dense = np.stack([_dense_values(batch[d.name], d.normalize) for d in spec.dense], axis=1)
             out["dense"] = ((dense - self.dense_mean) / self.dense_std).astype(np.float32)

@@ -73,8 +73,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         best_model = state["best_model"]
         print(f"resumed from the checkpoint of epoch {progress['epoch'] - 1} (resume {progress['resumes']})")
     model = ray.train.torch.prepare_model(model)  # DDP on >1 worker (gloo on CPU, nccl on GPU)
-    module = model.module if hasattr(model, "module") else model
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    module = model.module if ddp else model
+    if ddp:
         _define_gradient_buckets(model, spec, device)
     best_model = best_model or copy.deepcopy(module.state_dict())
     weighting.to(device)
@@ -89,7 +90,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # shards can differ by a batch or two (no rows are dropped to equalise them); Join lets a worker
         # that runs out early shadow the others' all-reduces instead of hanging them
         first_batch_seconds, first_rows = None, 0
-        with (Join([model]) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext(),
+        with (Join([model]) if ddp else nullcontext(),
               freed_memory_kept() if cfg.keep_freed_memory else nullcontext()):
             for batch in epoch_batches:
                 if first_batch_seconds is None:  # what is left of the data pipeline's start-up
