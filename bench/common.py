@@ -25,7 +25,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT), os.e
 from pipeline.config import DatasetSpec, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data import Preprocessor  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.train import build_optimizers, freed_memory_kept, mixed_precision  # noqa: E402
+from pipeline.train import BatchStep, build_optimizers, freed_memory_kept, mixed_precision, step_threads  # noqa: E402
+from pipeline.weighting import LossWeighting  # noqa: E402
 from pipeline.validate import split_files  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -120,35 +121,38 @@ def limit_in_a_train_worker(spec: DatasetSpec, model_cfg: ModelConfig, tensors: 
 
 
 def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray], train: TrainConfig,
-               warmup_steps: int = 5) -> float:
-    """Samples/s of the training step alone: the same model, batch size, loss and optimiser as the pipeline's
-    loop (``train``'s batch size, learning rate and precision), over tensors already in memory, in one process
-    with all the cores (the ceiling on this machine)."""
-    batch_size, autocast = train.batch_size, mixed_precision(train.precision, torch.device("cpu"))
+               warmup_steps: int = 5, threads_per_step: int | None = None) -> float:
+    """Samples/s of the training step alone: the same model, batch size, loss, optimisers and step
+    (``BatchStep``, its threads as the pipeline's lone CPU worker would split it unless ``threads_per_step``
+    says otherwise) as the pipeline's loop, over tensors already in memory, in one process with all the cores
+    (the ceiling on this machine)."""
+    threads = os.cpu_count()
+    if threads_per_step is None:
+        threads_per_step = step_threads(train, threads, use_gpu=False, num_workers=1)
     torch.manual_seed(train.seed)
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(max(1, threads // threads_per_step))
     model = build_model(spec, model_cfg)
     optimizers = build_optimizers(model, train, torch.device("cpu"))
+    step = BatchStep(model, LossWeighting(spec.task_names, train), optimizers,
+                     lambda: mixed_precision(train.precision, torch.device("cpu")), threads_per_step)
     data = {k: torch.from_numpy(v) for k, v in tensors.items()}
-    n = len(data["labels"])
+    n, batch_size = len(data["labels"]), train.batch_size
     starts = list(range(0, n - batch_size + 1, batch_size))
 
-    def step(i: int) -> None:
-        batch = {k: v[i:i + batch_size] for k, v in data.items()}
-        with autocast:
-            out = model(batch)
-            per_task = model.task_losses(out, batch["labels"])
-        loss = per_task.sum() + model.regularizer(out, batch["labels"])
+    def train_on(i: int) -> None:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step({k: v[i:i + batch_size] for k, v in data.items()})
         for optimizer in optimizers:
             optimizer.step()
 
-    with freed_memory_kept() if train.keep_freed_memory else nullcontext():  # as the pipeline's training steps
-        for i in starts[:warmup_steps]:
-            step(i)
-        t0 = time.perf_counter()
-        for i in starts:
-            step(i)
-        return len(starts) * batch_size / (time.perf_counter() - t0)
+    try:
+        with freed_memory_kept() if train.keep_freed_memory else nullcontext():  # as the pipeline's training steps
+            for i in starts[:warmup_steps]:
+                train_on(i)
+            t0 = time.perf_counter()
+            for i in starts:
+                train_on(i)
+            return len(starts) * batch_size / (time.perf_counter() - t0)
+    finally:
+        step.close()

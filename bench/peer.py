@@ -129,7 +129,10 @@ def main() -> None:
          f"our pipeline trains {a.train_rows:,} rows streamed from Parquet; torch-rechub and the in-memory loop train "
          + ("the same rows" if a.peer_rows == a.train_rows else f"the first {a.peer_rows:,} of them")
          + ", already preprocessed in memory",
-         "torch-rechub's MLP layers carry BatchNorm (its design); the layer sizes are the same"],
+         "torch-rechub's MLP layers carry BatchNorm (its design); the layer sizes are the same",
+         "threads: both use this machine's cores; ours, a lone CPU worker, splits each step's batch across 2 threads "
+         "(train.step_threads auto, pipeline.train.BatchStep), torch-rechub runs each step in one thread with torch's "
+         "intra-op parallelism"],
         "python bench/peer.py")
 
 

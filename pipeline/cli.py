@@ -33,6 +33,8 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
                    help="torch.compile the experts, gates and towers (pays on epochs of millions of rows)")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="glibc malloc keeps what a training step frees for the next (default; faster on CPU)")
+    p.add_argument("--step-threads", type=int,
+                   help="threads that share each step of a lone CPU worker, its batch split between them (0: auto, 2)")
     p.add_argument("--name", help="run name; rerunning with the same name resumes from its latest checkpoint")
     p.add_argument("--storage-path", help="checkpoints and results: a local directory or s3://...")
     p.add_argument("--output", help="where metrics.json, config.yaml and checkpoint/ are written")
@@ -50,7 +52,8 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
         "train.num_workers": args.workers, "train.use_gpu": args.gpu, "train.epochs": args.epochs,
         "train.batch_size": args.batch_size, "train.lr": args.lr, "train.seed": args.seed,
         "train.loss_weighting": args.loss_weighting, "train.precision": args.precision,
-        "train.compile": args.compile, "train.keep_freed_memory": args.keep_freed_memory, "name": args.name,
+        "train.compile": args.compile, "train.keep_freed_memory": args.keep_freed_memory,
+        "train.step_threads": args.step_threads, "name": args.name,
         "storage_path": args.storage_path, "output": args.output,
     })
     if not job.data.path:

@@ -242,8 +242,18 @@ class TrainConfig:
     # again every step (+10-20 % samples/s on CPU here); evaluation runs with glibc's defaults, so the peak
     # memory at 10M rows stays 1.18-1.21x that at 1M (docs/NOTES.md)
     keep_freed_memory: bool = True
+    # threads that share each training step of a lone CPU worker: the batch's rows are split into this many
+    # ranges, computed concurrently by threads of (torch threads / step_threads) intra-op threads each, and
+    # their gradients summed in a fixed order (the same gradient as the whole batch's). Small models spend
+    # much of a step in OpenMP barriers, which stall whenever another process takes a core: PLE on this
+    # repo's 2 cores, in a Ray Train worker, 74-78k -> 85-89k samples/s. 0 (auto): 2 on a lone CPU worker
+    # with 2 or more threads, else 1 (one thread, intra-op parallelism only). Not with several workers
+    # (DDP), GPUs, gradnorm weighting or compile (docs/NOTES.md)
+    step_threads: int = 0
 
     def __post_init__(self) -> None:
+        if self.step_threads < 0:
+            raise ConfigError(f"train.step_threads must be 0 (auto) or a number of threads, got {self.step_threads}")
         if self.data_buffer_mb <= 0:
             raise ConfigError(f"train.data_buffer_mb must be positive, got {self.data_buffer_mb}")
         if self.precision not in PRECISIONS:

@@ -24,7 +24,7 @@ from pipeline.config import ConfigError, DatasetSpec, JobConfig, TrainConfig
 from pipeline.data import Preprocessor, build_datasets, read_split
 from pipeline.plots import plot_gates, plot_learning_curves
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
-from pipeline.train import train_loop_per_worker
+from pipeline.train import step_threads, train_loop_per_worker
 from pipeline.validate import DataReport, validate_dataset
 
 DEFAULT_CACHE = Path(os.environ.get("MTREC_CACHE", Path.home() / ".cache" / "mtrec"))
@@ -168,14 +168,16 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     check_resumable(job, storage)
     pre = fit_or_load_preprocessor(job, spec, storage)
     scaling, threads = scaling_for_cluster(job.train)
-    print(f"workers: {scaling.num_workers} x {scaling.resources_per_worker} ({threads} torch threads each)")
+    threads_per_step = step_threads(job.train, threads, scaling.use_gpu, scaling.num_workers)
+    print(f"workers: {scaling.num_workers} x {scaling.resources_per_worker} ({threads} torch threads each"
+          + (f", each step split across {threads_per_step} threads)" if threads_per_step > 1 else ")"))
 
     datasets = build_datasets(job.data.path, spec, pre, shuffle_window=job.train.shuffle_window)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "job": job.to_dict(), "spec": _spec_dict(spec), "preprocessor": pre.state_dict(),
-            "torch_threads": threads, "code_version": code_version(),
+            "torch_threads": threads, "step_threads": threads_per_step, "code_version": code_version(),
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=scaling,

@@ -13,8 +13,8 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.join import Join
 
 from pipeline.checkpoint import load_state, save_state
-from pipeline.config import DatasetSpec, JobConfig, from_dict
+from pipeline.config import ConfigError, DatasetSpec, JobConfig, TrainConfig, from_dict
 from pipeline.data import tensor_batches, without_bad_rows, zeros_batch
 from pipeline.diagnostics import GateStats, merge_states, summarize
 from pipeline.metrics import gather_to_rank0, predict_shard, split_metrics
@@ -45,7 +45,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = job.train
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(loop_config["torch_threads"])
+    threads_per_step = loop_config["step_threads"]
+    torch.set_num_threads(max(1, loop_config["torch_threads"] // threads_per_step))
     torch.manual_seed(cfg.seed)  # same initial weights on every worker; DDP also broadcasts them
     device = ray.train.torch.get_device()
     autocast = mixed_precision(cfg.precision, device)
@@ -79,6 +80,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _define_gradient_buckets(model, spec, device)
     best_model = best_model or copy.deepcopy(module.state_dict())
     weighting.to(device)
+    step = BatchStep(model, weighting, optimizers, lambda: mixed_precision(cfg.precision, device), threads_per_step)
 
     while progress["epoch"] < cfg.epochs and not progress["stopped"]:
         epoch = progress["epoch"]
@@ -100,19 +102,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     batch = without_bad_rows(batch)
                     if batch["labels"].shape[0] == 0:
                         continue
-                with autocast:
-                    out = model(batch)
-                    per_task = module.task_losses(out, batch["labels"])
-                weighting.gradnorm_step(per_task, module.shared_parameter())
-                loss = weighting(per_task) + module.regularizer(out, batch["labels"])
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, per_task = step(batch)  # forward and backward
                 weighting.sync_grads()
                 for optimizer in optimizers:
                     optimizer.step()
                 n = batch["labels"].shape[0]
-                loss_sum += torch.cat([loss.detach()[None], per_task.detach()]) * n
+                loss_sum += torch.cat([loss[None], per_task]) * n
                 rows[1] += n
         train_seconds = time.time() - t0
         worker_rows = torch.stack([rows[1], -rows[1]])  # the most and (negated) the fewest rows a worker trained
@@ -127,6 +124,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                    "train/first_batch_seconds": first_batch_seconds or 0.0,
                    # after the first batch (per worker, as rank 0 saw it): the steady state that the start-up hides
                    "train/steady_samples_per_s": (n_rows - first_rows * ctx.get_world_size()) / max(steady_seconds, 1e-9),
+                   "train/step_threads": threads_per_step,
                    "train/worker_rows_max": worker_rows[0].item(), "train/worker_rows_min": -worker_rows[1].item(),
                    "train/loss": loss_sum[0].item() / max(n_rows, 1)}
         metrics |= {f"train/{t}/loss": loss_sum[j + 1].item() / max(n_rows, 1) for j, t in enumerate(spec.task_names)}
@@ -156,6 +154,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     final = {"epoch": progress["epoch"] - 1, "best_epoch": progress["best_epoch"], "resumes": progress["resumes"], "final": 1}
     final |= _evaluate(module, "valid", spec, cfg, autocast)
     final |= _evaluate(module, "test", spec, cfg, autocast)
+    step.close()
     _report(final, rank, {"model": last_model, "optimizers": [o.state_dict() for o in optimizers], "best_model": best_model,
                           "weighting": weighting.state_dict(), "progress": progress}, loop_config, final=True)
 
@@ -174,6 +173,80 @@ def build_optimizers(model: torch.nn.Module, cfg, device: torch.device, extra_pa
     if tables:
         optimizers.append(torch.optim.SparseAdam(tables, lr=cfg.lr))
     return optimizers
+
+
+def step_threads(cfg: TrainConfig, torch_threads: int, use_gpu: bool, num_workers: int) -> int:
+    """The threads that share each training step (``train.step_threads``, 0: auto; see ``BatchStep``)."""
+    unsupported = [what for what, applies in (("several workers (DDP)", num_workers > 1), ("GPUs", use_gpu),
+                                              ("gradnorm weighting", cfg.loss_weighting == "gradnorm"),
+                                              ("compile", cfg.compile)) if applies]
+    if cfg.step_threads == 0:
+        return 1 if unsupported else min(2, torch_threads)
+    if cfg.step_threads > 1 and unsupported:
+        raise ConfigError(f"train.step_threads: {cfg.step_threads} splits the steps of a lone CPU worker; this run has "
+                          f"{' and '.join(unsupported)} (use 0, auto, or 1)")
+    return cfg.step_threads
+
+
+class BatchStep:
+    """Forward and backward of one training batch; leaves the gradients in the parameters' ``.grad`` and returns
+    the batch's loss and per-task losses (detached).
+
+    With one thread: the model on the whole batch, its ops parallel inside (OpenMP). With k threads: the batch's
+    rows in k ranges, each range's forward and backward in its own thread, and the k gradients summed in a fixed
+    order (so a run is as reproducible as with one thread). Each range's task losses are weighted by its share
+    of the rows they average over (``task_loss_rows``), so the sum is the whole batch's loss and gradient. A
+    PLE step is hundreds of small ops, each ending in an OpenMP barrier where a thread that another process
+    preempted stalls its partner; split, the threads meet once per step (docs/NOTES.md)."""
+
+    def __init__(self, model: torch.nn.Module, weighting: LossWeighting, optimizers: list[torch.optim.Optimizer],
+                 autocast: Callable[[], Any], threads: int = 1) -> None:
+        self.model, self.weighting, self.autocast, self.threads = model, weighting, autocast, threads
+        self.module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        self.params = [p for o in optimizers for g in o.param_groups for p in g["params"] if p.requires_grad]
+        self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="step") if threads > 1 else None
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pool is None:
+            with self.autocast():
+                out = self.model(batch)
+                per_task = self.module.task_losses(out, batch["labels"])
+            self.weighting.gradnorm_step(per_task, self.module.shared_parameter())
+            loss = self.weighting(per_task) + self.module.regularizer(out, batch["labels"])
+            loss.backward()
+            return loss.detach(), per_task.detach()
+        n = batch["labels"].shape[0]
+        k = min(self.threads, n)
+        bounds = [n * i // k for i in range(k + 1)]
+        rows = self.module.task_loss_rows(batch["labels"]).clamp(min=1)
+        ranges = [self.pool.submit(self._part, batch, lo, hi, n, rows) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+        try:
+            parts = [self._part(batch, bounds[0], bounds[1], n, rows)] + [r.result() for r in ranges]
+        finally:
+            wait(ranges)  # no range still writing when a failure leaves the step
+        for i, p in enumerate(self.params):
+            grads = [part[2][i] for part in parts if part[2][i] is not None]
+            grad = sum(grads[1:], grads[0]) if grads else None
+            if grad is not None and not grad.is_sparse and grad.stride() != p.stride():
+                # backward lays a gradient out as its parameter (fused Adam reads both as flat memory);
+                # autograd.grad does not: a weight used transposed gets a transposed gradient
+                grad = torch.empty_like(p).copy_(grad)
+            p.grad = grad
+        return sum(part[0] for part in parts), sum(part[1] for part in parts)
+
+    def _part(self, batch: dict[str, torch.Tensor], lo: int, hi: int, n: int, rows: torch.Tensor) -> tuple:
+        part = {key: v[lo:hi] for key, v in batch.items()}
+        with self.autocast():  # autocast's state is per thread
+            out = self.module(part)
+            per_task = self.module.task_losses(out, part["labels"]) * (self.module.task_loss_rows(part["labels"]) / rows)
+        share = (hi - lo) / n
+        loss = self.weighting(per_task, share) + share * self.module.regularizer(out, part["labels"])
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return loss.detach(), per_task.detach(), grads
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)

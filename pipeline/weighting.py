@@ -47,9 +47,12 @@ class LossWeighting(nn.Module):
             return self.gradnorm_w.detach()
         return self.base
 
-    def forward(self, task_losses: torch.Tensor) -> torch.Tensor:
+    def forward(self, task_losses: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+        """The weighted loss. ``share``: the fraction of the batch's rows these losses cover (a training step
+        split into row ranges): the uncertainty strategy's ``s_k`` term, which is not per row, counts once
+        over the ranges."""
         if self.strategy == "uncertainty":
-            return (torch.exp(-self.log_var) * task_losses + self.log_var).sum()
+            return (torch.exp(-self.log_var) * task_losses + share * self.log_var).sum()
         return (self.weights() * task_losses).sum()
 
     def gradnorm_step(self, task_losses: torch.Tensor, shared: torch.Tensor) -> None:

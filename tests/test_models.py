@@ -2,6 +2,7 @@
 shapes, funnel constraint, gradients reach every expert, losses behave as documented."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -12,7 +13,8 @@ from pipeline.config import DatasetSpec, ModelConfig, TrainConfig, from_dict
 from pipeline.layers import MLP, EmbeddingFront, Experts, Gate, Tower
 from pipeline.models import build_model
 from pipeline.models.base import multitask_loss
-from pipeline.train import build_optimizers
+from pipeline.train import BatchStep, build_optimizers
+from pipeline.weighting import LossWeighting
 
 SPEC = {
     "name": "t",
@@ -313,3 +315,45 @@ def test_bf16_autocast_keeps_heads_and_parameters_fp32(spec):
         assert out["prob"][:, 0].unique().numel() > 250, name
         assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
                    for p in model.parameters()), name
+
+
+@pytest.mark.parametrize("model_name, dependent_loss, weighting", [
+    ("ple", "esmm", "fixed"), ("mmoe", "masked", "fixed"), ("ple", "esmm", "uncertainty"), ("aitm", "esmm", "decay")])
+def test_a_step_split_across_threads_trains_as_the_whole_batch(spec, model_name, dependent_loss, weighting):
+    """BatchStep with 2 or 3 threads (uneven row ranges, sparse tables, masked losses, a regulariser, learned
+    weights) gives the gradients and losses of the whole batch in one thread, and after three optimiser steps
+    (fused Adam reads a gradient as flat memory: its layout must be its parameter's) the same weights."""
+    cfg = TrainConfig(batch_size=1, loss_weighting=weighting, loss_weight_decay={"convert": 0.5}, precision="fp32")
+    results = {}
+    for threads in (1, 2, 3):
+        torch.manual_seed(0)
+        model = build_model(spec, ModelConfig(name=model_name, num_experts=3, dependent_loss=dependent_loss))
+        weighting_ = LossWeighting(spec.task_names, cfg)
+        weighting_.set_epoch(1)
+        with torch.no_grad():
+            weighting_.log_var.copy_(torch.tensor([0.3, -0.2]))
+        extra = [weighting_.log_var] if weighting == "uncertainty" else []
+        optimizers = build_optimizers(model, cfg, torch.device("cpu"), extra)
+        assert isinstance(optimizers[-1], torch.optim.SparseAdam)  # batch_size 1: the tables take sparse gradients
+        step = BatchStep(model, weighting_, optimizers, contextlib.nullcontext, threads)
+        steps = []
+        for seed in range(3):
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss, per_task = step(make_batch(spec, n=101, seed=seed))
+            steps.append((loss, per_task, [p.grad.to_dense() for o in optimizers for p in o.param_groups[0]["params"]]))
+            for optimizer in optimizers:
+                optimizer.step()
+        step.close()
+        results[threads] = steps, [p.detach().clone() for p in [*model.parameters(), *extra]]
+    whole_steps, whole_weights = results[1]
+    assert all(g.abs().sum() > 0 for g in whole_steps[0][2][:3])
+    for threads in (2, 3):
+        steps, weights = results[threads]
+        for (loss, per_task, grads), (loss_w, per_task_w, grads_w) in zip(steps, whole_steps, strict=True):
+            torch.testing.assert_close(loss, loss_w)
+            torch.testing.assert_close(per_task, per_task_w)
+            for g, g_whole in zip(grads, grads_w, strict=True):
+                torch.testing.assert_close(g, g_whole, rtol=1e-5, atol=1e-6)
+        for w, w_whole in zip(weights, whole_weights, strict=True):
+            torch.testing.assert_close(w, w_whole, rtol=1e-5, atol=1e-6)

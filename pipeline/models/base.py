@@ -65,8 +65,17 @@ class MultiTaskModel(nn.Module):
         """Unweighted binary cross-entropy per task, [T] (see ``per_task_losses``)."""
         return per_task_losses(out, labels, self.parents, self.cfg.dependent_loss, self.chains_probabilities)
 
+    def task_loss_rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """How many rows each task's loss averages over, [T] (see ``per_task_losses``): all of them, or the
+        parent-positive ones for a masked dependent task. A training step split into row ranges weights each
+        range's losses by its share of these, so that the ranges' gradients sum to the whole batch's."""
+        rows = [labels[:, p].sum() if p >= 0 and self.chains_probabilities and self.cfg.dependent_loss == "masked"
+                else labels.new_tensor(float(labels.shape[0])) for p in self.parents]
+        return torch.stack(rows)
+
     def regularizer(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """An extra loss term outside the task weighting (AITM's label constraint); none by default."""
+        """An extra loss term outside the task weighting, a mean over the batch's rows (AITM's label
+        constraint); none by default."""
         return out["logits"].new_zeros(())
 
     def shared_parameter(self) -> torch.Tensor:
