@@ -17,6 +17,7 @@ a handful of tensors per batch:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.collate_fn import DefaultCollateFn
 
 from pipeline.config import DatasetSpec, TrainConfig
@@ -277,3 +279,24 @@ class PermutedTransform:
         for start in range(0, batch.num_rows, self.window):
             rng.shuffle(order[start:start + self.window])  # in place, through the view
         return {k: v[order] for k, v in out.items()}
+
+
+class BackpressureBackoff(ExecutionCallback):
+    """Ray Data 2.60's streaming executor waits for its running tasks between scheduling steps (``ray.wait``
+    on all of them, up to 0.1 s). Held back by a full output buffer (a split's ``data_buffer_mb``), it neither
+    launches tasks nor reads the blocks a task has ready, so that wait returns at once and the loop spins. It
+    then took 0.8 of a core in the split coordinator actor for as long as the rest of the log did not fit in
+    the buffer: the first half of a 3M-row epoch, where a 1-worker PLE trained at 45-47k samples/s instead
+    of 71-76k (docs/NOTES.md). This sleeps 10 ms after a step in which no operator received, produced or
+    handed on a block or started or finished a task, so a full buffer is polled a hundred times a second."""
+
+    def __init__(self) -> None:
+        self.last: tuple | None = None
+
+    def on_execution_step(self, executor) -> None:
+        ops = list(getattr(executor, "_topology", None) or {})
+        progress = tuple((op.metrics.num_inputs_received, op.metrics.num_task_outputs_generated,
+                          op.metrics.num_outputs_taken, op.num_active_tasks()) for op in ops)
+        if ops and progress == self.last:
+            time.sleep(0.01)
+        self.last = progress

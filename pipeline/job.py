@@ -21,7 +21,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.checkpoint import code_version
 from pipeline.config import ConfigError, DatasetSpec, JobConfig, TrainConfig
-from pipeline.data import Preprocessor, build_datasets, read_split
+from pipeline.data import BackpressureBackoff, Preprocessor, build_datasets, read_split
 from pipeline.plots import plot_gates, plot_learning_curves
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
 from pipeline.train import step_threads, train_loop_per_worker
@@ -70,6 +70,8 @@ def connect_ray() -> None:
     # its own first, which put 2-4 s before every epoch's first batch here (V1: 0.4-1.3 s) for the same
     # steady throughput (bench/results/throughput.md, docs/NOTES.md)
     ctx.use_datasource_v2 = False
+    if BackpressureBackoff not in ctx.custom_execution_callback_classes:  # see its docstring
+        ctx.custom_execution_callback_classes.append(BackpressureBackoff)
 
 
 def scaling_for_cluster(cfg: TrainConfig) -> tuple[ScalingConfig, int]:

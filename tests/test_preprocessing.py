@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import io
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from pipeline.config import from_dict, DatasetSpec
-from pipeline.data import PermutedTransform, Preprocessor, build_datasets, read_split
+import pipeline.data
+from pipeline.data import BackpressureBackoff, PermutedTransform, Preprocessor, build_datasets, read_split
 
 TINY = {
     "name": "tiny",
@@ -144,3 +147,40 @@ def test_integer_vocabulary_lookup_paths_agree_with_a_dict():
         expected = [{int(v): i + 1 for i, v in enumerate(vocab)}.get(int(q), 0) for q in queries]
         codes = pre.transform(pa.table({"u": queries, "click": np.zeros(len(queries), np.int64)}))["sparse"][:, 0]
         assert codes.tolist() == expected
+
+
+def test_backpressure_backoff_sleeps_only_after_a_step_without_progress(monkeypatch):
+    slept = []
+    monkeypatch.setattr(pipeline.data.time, "sleep", slept.append)
+    metrics = SimpleNamespace(num_inputs_received=0, num_task_outputs_generated=0, num_outputs_taken=0)
+    op = type("Op", (), {"metrics": metrics, "num_active_tasks": lambda self: 1})()
+    executor, backoff = SimpleNamespace(_topology={op: None}), BackpressureBackoff()
+    backoff.on_execution_step(executor)  # the first step: nothing to compare with
+    backoff.on_execution_step(executor)  # a block ready but held back: no progress
+    metrics.num_outputs_taken += 1
+    backoff.on_execution_step(executor)  # the consumer took a block
+    assert slept == [0.01]
+
+
+class _SeenSteps(BackpressureBackoff):
+    steps: list = []
+
+    def on_execution_step(self, executor) -> None:
+        super().on_execution_step(executor)
+        _SeenSteps.steps.append(len(self.last))  # the operators the backoff saw
+
+
+def test_ray_data_calls_the_backoff_with_the_executors_operators(ray_local):
+    """The backoff reads the executor's private ``_topology``: this Ray must still have it (else it would be a
+    silent no-op), and connect_ray registers the backoff for every dataset."""
+    from pipeline.job import connect_ray
+
+    connect_ray()
+    ctx = ray.data.DataContext.get_current()
+    assert BackpressureBackoff in ctx.custom_execution_callback_classes
+    ctx.custom_execution_callback_classes.append(_SeenSteps)
+    try:
+        rows = sum(len(b["id"]) for b in ray.data.range(1000, override_num_blocks=4).map_batches(lambda b: b).iter_batches())
+    finally:
+        ctx.custom_execution_callback_classes.remove(_SeenSteps)
+    assert rows == 1000 and _SeenSteps.steps and max(_SeenSteps.steps) >= 2
