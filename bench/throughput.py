@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+from functools import partial
 from statistics import median
 
 import torch
@@ -66,7 +67,7 @@ def main() -> None:
     tensors = preprocessed_rows(data, spec, pre, a.limit_rows)
 
     def limit(threads_per_step: int | None = None) -> float:  # Ray shut down while it runs; started afresh after it
-        return without_ray(tight_loop, spec, model, tensors, default, 5, threads_per_step)
+        return without_ray(partial(tight_loop, threads_per_step=threads_per_step), spec, model, tensors, default)
 
     kinds = {"1 worker": lambda r: pipeline_samples_per_s(data, model, 1, a.out, f"{a.model}-1w-{r}"),
              "1 worker, unsplit": lambda r: pipeline_samples_per_s(data, model, 1, a.out, f"{a.model}-1w1-{r}", step_threads=1),
