@@ -4,6 +4,7 @@ an empty shard."""
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,36 @@ def test_global_auc_equals_sklearn_on_all_rows_with_two_workers(ray_local, tmp_p
     assert result.metrics["rows"] == n
     assert 0 < result.metrics["local_rows"] < n  # rank 0 saw only its shard, yet the AUC is global
     assert result.metrics["auc"] == pytest.approx(roc_auc_score(labels, score), abs=1e-12)
+
+
+def _coordinator(shard) -> str:
+    return shard._coord_actor._actor_id.hex()  # the split coordinator actor behind a worker's shard
+
+
+def test_splits_the_driver_started_go_to_the_first_worker_group_on_their_node_only(ray_local):
+    ds = ray.data.range(1000, override_num_blocks=4)
+    node = ray.get_runtime_context().get_node_id()
+    config = ExactSplitDataConfig()
+    config.start_splits({"train": ds, "valid": ds}, world_size=1)
+    started = {name: _coordinator(shards[0]) for name, shards in config._started.items()}
+    # Train configures each dataset in a copy of the config, in its dataset manager actor on this node
+    first_group, restarted_group = pickle.loads(pickle.dumps(config)), pickle.loads(pickle.dumps(config))
+
+    shard = first_group.configure({"train": ds}, 1, None, [node])[0]["train"]
+    assert _coordinator(shard) == started["train"]
+    assert sum(len(b["id"]) for b in shard.iter_batches(batch_size=100)) == 1000
+    # a worker group restarted after a failure, or on other nodes, or of another size, splits afresh
+    assert _coordinator(restarted_group.configure({"train": ds}, 1, None, [node])[0]["train"]) != started["train"]
+    assert _coordinator(first_group.configure({"valid": ds}, 1, None, ["another-node"])[0]["valid"]) != started["valid"]
+    assert len(first_group.configure({"valid": ds}, 2, None, [node, node])) == 2
+    # ... and none of those took the valid split's: the first group's own request does
+    assert _coordinator(first_group.configure({"valid": ds}, 1, None, [node])[0]["valid"]) == started["valid"]
+
+    unclaimed = ExactSplitDataConfig()
+    unclaimed.start_splits({"train": ds}, world_size=1)
+    left_over, copy_made_before = _coordinator(unclaimed._started["train"][0]), pickle.loads(pickle.dumps(unclaimed))
+    unclaimed.release_splits()  # what run() does once fit returns
+    assert _coordinator(copy_made_before.configure({"train": ds}, 1, None, [node])[0]["train"]) != left_over
 
 
 def _job(small_log, tmp_path, epochs, name="ple2"):
