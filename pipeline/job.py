@@ -61,9 +61,9 @@ class ExactSplitDataConfig(DataConfig):
         removing its claim file, so a worker group restarted after a failure (whose predecessor may have
         left a split's epoch barrier half passed) gets fresh splits, as does one on other nodes.
         ``release_splits`` drops the unclaimed ones."""
-        node = ray.get_runtime_context().get_node_id()
+        node, split = ray.get_runtime_context().get_node_id(), self._split_names(datasets)
         self._started = {name: self._split(name, ds, world_size, [node] * world_size)
-                         for name, ds in datasets.items() if name in self._split_names(datasets)}
+                         for name, ds in datasets.items() if name in split}
         for name in self._started:
             fd, self._claims[name] = tempfile.mkstemp(prefix=f"mtrec-started-split-{name}-")
             os.close(fd)
@@ -76,9 +76,9 @@ class ExactSplitDataConfig(DataConfig):
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         hints = worker_node_ids if self._enable_shard_locality else None
-        output = [{} for _ in range(world_size)]
+        split, output = self._split_names(datasets), [{} for _ in range(world_size)]
         for name, ds in datasets.items():
-            if name in self._split_names(datasets):
+            if name in split:
                 shards = self._take_started(name, world_size, worker_node_ids) or self._split(name, ds, world_size, hints)
                 for i, shard in enumerate(shards):
                     output[i][name] = shard
