@@ -12,9 +12,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 STATE_FILE = "state.pt"
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a local path or a URI such as s3://bucket/prefix."""
+    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
 
 
 def save_state(directory: str | Path, state: dict[str, Any]) -> None:

@@ -21,10 +21,11 @@ import yaml
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipeline.checkpoint import code_version
+from pipeline.checkpoint import code_version, filesystem
 from pipeline.config import ConfigError, DatasetSpec, JobConfig, TrainConfig
 from pipeline.data import BackpressureBackoff, Preprocessor, build_datasets, read_split
 from pipeline.plots import plot_gates, plot_learning_curves
+from pipeline.restarts import RestartLog, describe
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
 from pipeline.train import step_threads, train_loop_per_worker
 from pipeline.validate import DataReport, validate_dataset
@@ -70,8 +71,15 @@ class ExactSplitDataConfig(DataConfig):
         self._started_for = (node, world_size)
 
     def release_splits(self) -> None:
+        """After ``fit``: drop the unclaimed claims and end the coordinator actors the driver started, taken or
+        not. Left to the driver's exit or ``ray.shutdown``, they were ended by a SIGTERM while their executor
+        thread could still be in a call into Ray's core worker (docs/NOTES.md, "Shutdown aborts"); a kill ends
+        the process at once, and no Data work of this run is left to wait for."""
         for claim in self._claims.values():
             Path(claim).unlink(missing_ok=True)
+        for shards in self._started.values():
+            # private: the coordinator behind a streaming split's iterators (Ray 2.60 has no public handle)
+            ray.kill(shards[0]._coord_actor, no_restart=True)
         self._started, self._started_for, self._claims = {}, None, {}
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
@@ -164,14 +172,10 @@ def _storage(job: JobConfig) -> str:
     return str((Path(job.output) / "ray_results").resolve())
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-
-
 def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) -> Preprocessor:
     """Fit on the train split once per (data, spec) in this storage: a resumed run reuses the exact same
     encoding, and the runs of a study or a Tune search over one dataset share one fit."""
-    fs, root = _fs(storage)
+    fs, root = filesystem(storage)
     drop = job.data.on_bad_rows == "drop"  # then the fit skips the bad rows: another fit
     key = hashlib.sha1(json.dumps([job.data.path, dataclasses.asdict(spec), drop], sort_keys=True).encode()).hexdigest()[:16]
     path = f"{root}/preprocessors/{key}.pt"
@@ -193,7 +197,7 @@ def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) ->
 def check_resumable(job: JobConfig, storage: str) -> None:
     """A rerun with an existing run name resumes it; refuse when that run was made on other data or
     with another model, whose checkpoint would silently be evaluated on this data."""
-    fs, root = _fs(storage)
+    fs, root = filesystem(storage)
     selector = pafs.FileSelector(f"{root}/{job.name}", allow_not_found=True)
     checkpoints = sorted(f.path for f in fs.get_file_info(selector)
                          if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_"))
@@ -229,6 +233,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     datasets = build_datasets(job.data.path, spec, pre, shuffle_window=job.train.shuffle_window)
     data_config = ExactSplitDataConfig(buffer_bytes=job.train.data_buffer_mb * 2**20)
     data_config.start_splits(datasets, scaling.num_workers)
+    restarts = RestartLog(storage, job.name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -243,17 +248,21 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
             name=job.name, storage_path=storage,
             failure_config=FailureConfig(max_failures=job.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
+            callbacks=[restarts, *(callbacks or [])],
         ),
     )
     try:
         result = trainer.fit()
+    except Exception:
+        print("\n".join(describe(restarts.read())))  # the failures before the one that ended the run
+        raise
     finally:
         data_config.release_splits()
-    return write_outputs(job, spec, result, data)
+    return write_outputs(job, spec, result, data, restarts.read())
 
 
-def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result, data: DataReport) -> dict[str, Any]:
+def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result, data: DataReport,
+                  restarts: dict[str, Any]) -> dict[str, Any]:
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
@@ -272,11 +281,14 @@ def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result, d
     metrics = nest_metrics(summary["metrics"] | data.metrics())
     metrics["history"] = summary["history"]
     metrics["checkpoint"] = str(ckpt_dir)
+    metrics["restarts"] = restarts  # worker-group failures Train recovered from (restarts.py)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     (out / "config.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
     plot_gates(summary["metrics"], spec.task_names, out / "gates.png")
     plot_learning_curves(summary["history"], spec.task_names, out / "learning_curves.png")
     print(format_table(metrics, spec))
+    for line in describe(restarts):
+        print(line)
     for flag in ("collapsed", "identical"):
         hit = [k for k, v in summary["metrics"].items() if k.startswith("valid/gates/") and k.endswith(flag) and v]
         if hit:

@@ -75,6 +75,12 @@ def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(ray_local, sm
         metrics = run(_job(small_log, tmp_path, "killed"))
     assert killed and killed[0][1] == 1, "the worker was not killed during the second epoch"
     assert metrics["resumes"] == 1  # the worker group restarted once, from the epoch-0 checkpoint
+    # and the run says so: metrics.json (and the final table) name the failure, not only Ray's log
+    assert uninterrupted["restarts"] == {"count": 0, "failures": []}
+    assert metrics["restarts"]["count"] == 1, metrics["restarts"]
+    [failure] = metrics["restarts"]["failures"]
+    assert failure["errors"] and all(e["first_line"] for e in failure["errors"])
+    assert json.loads((tmp_path / "killed" / "metrics.json").read_text())["restarts"] == metrics["restarts"]
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
     assert all(h["train/rows_read"] == h["train/rows_trained"] == 60_000 for h in metrics["history"])
     # within noise: the two runs see their rows in different random orders, and the standard error of a
