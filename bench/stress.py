@@ -119,18 +119,23 @@ def one_run(i: int, work: Path, job: list[str], env: dict[str, str], cores: bool
             "cores": sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("core*") if p.is_file())}
 
 
+def _processes(entries: list[dict]) -> set[str]:
+    """Distinct processes among log entries: a process's .err and its core-worker log name the same pid."""
+    return {re.split(r"[_-]", e["log"].rsplit(".", 1)[0])[-1] for e in entries}
+
+
 def summarize(label: str, runs: list[dict], args) -> dict:
     return {"label": label, "runs": len(runs), "job_args": args.job, "env": args.env, "load": args.load,
-            "worker_deaths": sum(len(r["deaths"]) for r in runs),
+            "worker_deaths": sum(len(_processes(r["deaths"])) for r in runs),
             "runs_with_deaths": sum(bool(r["deaths"]) for r in runs),
             "restarts": sum(r["error_count"] for r in runs),
             "resumes": sum(r["resumes"] or 0 for r in runs),
-            "shutdown_aborts": sum(len(r["shutdown_aborts"]) for r in runs),
+            "shutdown_aborts": sum(len(_processes(r["shutdown_aborts"])) for r in runs),
             "failed_runs": sum(r["rc"] != 0 for r in runs),
             "seconds_per_run": round(sum(r["seconds"] for r in runs) / max(len(runs), 1), 1)}
 
 
-def write(label: str, summary: dict, runs: list[dict]) -> None:
+def write(label: str, summary: dict, runs: list[dict], quiet: bool = False) -> None:
     path = RESULTS / "stress.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     labels = saved.get("labels", {}) | {label: {**summary, "per_run": runs, "machine": machine()}}
@@ -150,7 +155,8 @@ def write(label: str, summary: dict, runs: list[dict]) -> None:
     lines += ["", "Command: `python bench/stress.py` (see its docstring); each label's machine:", ""]
     lines += [f"- {s['label']}: " + ", ".join(f"{k} {v}" for k, v in s["machine"].items()) for s in labels.values()]
     (RESULTS / "stress.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 def main() -> None:
@@ -187,6 +193,8 @@ def main() -> None:
               f"error count {r['error_count']}, resumes {r['resumes']}, shutdown aborts {len(r['shutdown_aborts'])}"
               + (f"\n    job failed: {r['last_line']}" if r["rc"] != 0 else "")
               + "".join(f"\n    {d['log']}: {d['marks']}" for d in r["deaths"]), flush=True)
+        if not args.no_write:  # after every run: an interrupted stress still leaves its figures so far
+            write(args.label, summarize(args.label, runs, args), runs, quiet=True)
     summary = summarize(args.label, runs, args)
     print(json.dumps(summary))
     if not args.no_write:
