@@ -13,10 +13,12 @@ the deaths in mid-run.
     python bench/stress.py --runs 20 --label before -- --train-rows 300000 --epochs 1
     python bench/stress.py --runs 20 --env MALLOC_PERTURB_=165 --load 1 -- --train-rows 300000
 
-``--load K`` runs K busy-loop processes beside each job (a loaded machine); ``--env`` sets variables for the
-job and every Ray process it starts; ``--cores`` lets crashed processes dump core (read with gdb) into the
-run's directory. Arguments after ``--`` go to the job. Results: ``bench/results/stress.md`` and
-``stress.json`` (``runs``, ``worker_deaths``, ... of the latest run, and every label's figures). Not in CI.
+``--script`` runs another job with the same arguments, e.g. ``bench/stress_startups.py`` (many worker
+start-ups per run; ``bench/stress_standalone.py`` is the step pattern without Ray). ``--load K`` runs K
+busy-loop processes beside each job (a loaded machine); ``--env`` sets variables for the job and every Ray
+process it starts; ``--cores`` lets crashed processes dump core (read with gdb) into the run's directory.
+Arguments after ``--`` go to the job. Results: ``bench/results/stress.md`` and ``stress.json`` (``runs``,
+``worker_deaths``, ... of the latest run, and every label's figures). Not in CI.
 """
 from __future__ import annotations
 
@@ -86,11 +88,12 @@ def busy_loops(k: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(k)]
 
 
-def one_run(i: int, work: Path, job: list[str], env: dict[str, str], cores: bool, load: int, timeout: int) -> dict:
+def one_run(i: int, work: Path, job: list[str], env: dict[str, str], cores: bool, load: int, timeout: int,
+            script: str = "jobs/train_ple.py") -> dict:
     run_dir = work / f"{i:03d}"  # short: Ray's socket paths under it must stay within 107 bytes
     shutil.rmtree(run_dir, ignore_errors=True)
     (run_dir / "r").mkdir(parents=True)
-    cmd = [sys.executable, str(ROOT / "jobs" / "train_ple.py"), *job, "--name", f"stress-{i}",
+    cmd = [sys.executable, str(ROOT / script), *job, "--name", f"stress-{i}",
            "--output", str(run_dir / "out"), "--storage-path", str(run_dir / "results")]
     limit = (lambda: resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)) if cores else None
     hogs = busy_loops(load)
@@ -125,7 +128,7 @@ def _processes(entries: list[dict]) -> set[str]:
 
 
 def summarize(label: str, runs: list[dict], args) -> dict:
-    return {"label": label, "runs": len(runs), "job_args": args.job, "env": args.env, "load": args.load,
+    return {"label": label, "runs": len(runs), "script": args.script, "job_args": args.job, "env": args.env, "load": args.load,
             "worker_deaths": sum(len(_processes(r["deaths"])) for r in runs),
             "runs_with_deaths": sum(bool(r["deaths"]) for r in runs),
             "restarts": sum(r["error_count"] for r in runs),
@@ -142,10 +145,11 @@ def write(label: str, summary: dict, runs: list[dict], quiet: bool = False) -> N
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**summary, "machine": machine(), "labels": labels}, indent=2))
     cols = ["label", "runs", "worker_deaths", "runs_with_deaths", "restarts", "resumes", "shutdown_aborts",
-            "failed_runs", "seconds_per_run", "job_args", "env", "load"]
+            "failed_runs", "seconds_per_run", "script", "job_args", "env", "load"]
     lines = ["# Stress: worker deaths over repeated runs", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for s in labels.values():
+        s = {"script": "jobs/train_ple.py"} | s  # labels written before --script existed
         lines.append("| " + " | ".join(f"`{' '.join(s[c])}`" if c in ("job_args", "env") else str(s[c]) for c in cols) + " |")
     lines += ["", "Deaths (process logs with a fatal signal, `Fatal Python error` or a glibc heap check):", ""]
     for s in labels.values():
@@ -162,6 +166,8 @@ def write(label: str, summary: dict, runs: list[dict], quiet: bool = False) -> N
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--script", default="jobs/train_ple.py", help="the job, relative to the repo (e.g. "
+                   "bench/stress_startups.py: many worker start-ups per run)")
     p.add_argument("--label", default="run", help="the figures' name in stress.md/json (e.g. before, after)")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the job and its Ray processes")
     p.add_argument("--load", type=int, default=0, help="busy-loop processes beside each run")
@@ -187,7 +193,7 @@ def main() -> None:
     work = Path(args.work) / args.label
     runs = []
     for i in range(args.runs):
-        r = one_run(i, work, args.job, env, args.cores, args.load, args.timeout)
+        r = one_run(i, work, args.job, env, args.cores, args.load, args.timeout, args.script)
         runs.append(r)
         print(f"[{args.label}] run {i}: rc {r['rc']} in {r['seconds']} s, deaths {len(r['deaths'])}, "
               f"error count {r['error_count']}, resumes {r['resumes']}, shutdown aborts {len(r['shutdown_aborts'])}"

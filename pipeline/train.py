@@ -73,7 +73,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.load_state_dict(saved)
         best_model = state["best_model"]
         print(f"resumed from the checkpoint of epoch {progress['epoch'] - 1} (resume {progress['resumes']})")
-    model = ray.train.torch.prepare_model(model)  # DDP on >1 worker (gloo on CPU, nccl on GPU)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)  # DDP on >1 worker
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     module = model.module if ddp else model
     if ddp:
@@ -157,6 +157,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     step.close()
     _report(final, rank, {"model": last_model, "optimizers": [o.state_dict() for o in optimizers], "best_model": best_model,
                           "weighting": weighting.state_dict(), "progress": progress}, loop_config, final=True)
+
+
+# DDP (gloo on CPU, nccl on GPU) without its per-forward buffer sync. The models' buffers are constant index
+# tensors built from the spec, the same on every worker (tests/test_models.py), so there is nothing to sync.
+# Under ``Join`` that sync is an all-reduce (which rank's buffers win) and a broadcast before every forward;
+# on gloo, Train workers' heaps were found corrupted there, and with it off the stress runs had no worker
+# death (docs/NOTES.md, "Ninth round"). It also cost steps/s.
+DDP_OPTIONS = {"forward_sync_buffers": False}
 
 
 def build_optimizers(model: torch.nn.Module, cfg, device: torch.device, extra_params: list | tuple = ()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.config import DatasetSpec, ModelConfig, TrainConfig, from_dict
 from pipeline.layers import MLP, EmbeddingFront, Experts, Gate, Tower
-from pipeline.models import build_model
+from pipeline.models import MODELS, build_model
 from pipeline.models.base import multitask_loss
 from pipeline.train import BatchStep, build_optimizers
 from pipeline.weighting import LossWeighting
@@ -357,3 +357,31 @@ def test_a_step_split_across_threads_trains_as_the_whole_batch(spec, model_name,
                 torch.testing.assert_close(g, g_whole, rtol=1e-5, atol=1e-6)
         for w, w_whole in zip(weights, whole_weights, strict=True):
             torch.testing.assert_close(w, w_whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_buffers_are_constants_of_the_spec(spec, name):
+    """DDP runs without its per-forward buffer sync (``pipeline.train.DDP_OPTIONS``): every model's buffers
+    must be constants built from the spec, not state (no running statistics, nothing saved), the same on
+    every worker whatever its seed, and untouched by training steps."""
+    from pipeline.train import DDP_OPTIONS
+
+    assert DDP_OPTIONS["forward_sync_buffers"] is False
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(build_model(spec, ModelConfig(name=name)))
+    first, second = ({k: v.clone() for k, v in m.named_buffers()} for m in models)
+    assert first.keys() == second.keys()
+    assert not set(first) & set(models[0].state_dict()), "a persistent buffer is state: DDP would have to sync it"
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+    model = models[0]
+    optimizers = build_optimizers(model, TrainConfig(), torch.device("cpu"))
+    step = BatchStep(model, LossWeighting(spec.task_names, TrainConfig()), optimizers, contextlib.nullcontext)
+    for seed in range(2):
+        step(make_batch(spec, seed=seed))
+        for optimizer in optimizers:
+            optimizer.step()
+    for key, value in model.named_buffers():
+        torch.testing.assert_close(value, first[key], rtol=0, atol=0)
