@@ -160,10 +160,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 # DDP (gloo on CPU, nccl on GPU) without its per-forward buffer sync. The models' buffers are constant index
-# tensors built from the spec, the same on every worker (tests/test_models.py), so there is nothing to sync.
-# Under ``Join`` that sync is an all-reduce (which rank's buffers win) and a broadcast before every forward;
-# on gloo, Train workers' heaps were found corrupted there, and with it off the stress runs had no worker
-# death (docs/NOTES.md, "Ninth round"). It also cost steps/s.
+# tensors built from the spec, the same on every worker (tests/test_models.py), so there is nothing to sync;
+# under ``Join`` that sync is an all-reduce (which rank's buffers win) and a broadcast before every forward.
+# (Turning it off did not end issue 15's heap corruption in gloo's threads: docs/NOTES.md, "Ninth round".)
 DDP_OPTIONS = {"forward_sync_buffers": False}
 
 
