@@ -6,15 +6,17 @@ A default job starts once per worker process; this packs ~6 starts into a minute
     python bench/stress.py --script bench/stress_startups.py --runs 1 -- --repeat 60 --data DIR --spec SPEC
 Not in CI; docs/NOTES.md (ninth round) has what it showed.
 """
+import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPEAT = int(sys.argv.pop(sys.argv.index("--repeat") + 1)) if "--repeat" in sys.argv else 10
-if "--repeat" in sys.argv:
-    sys.argv.remove("--repeat")
+_own = argparse.ArgumentParser(add_help=False)
+_own.add_argument("--repeat", type=int, default=10)
+_args, sys.argv[1:] = _own.parse_known_args()  # the rest goes to the job's own parser
+REPEAT = _args.repeat
 
 
 def repeated(loop_config: dict) -> None:
