@@ -23,9 +23,10 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT), os.environ.get("PYTHONPATH", "")])
 
 from pipeline.config import DatasetSpec, ModelConfig, TrainConfig  # noqa: E402
-from pipeline.data import Preprocessor  # noqa: E402
+from pipeline.data import Collate, Preprocessor  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.train import BatchStep, build_optimizers, freed_memory_kept, mixed_precision, step_threads  # noqa: E402
+from pipeline.sharding import dense_parameters, local_process_group, shard  # noqa: E402
+from pipeline.train import BatchStep, freed_memory_kept, mixed_precision, step_threads  # noqa: E402
 from pipeline.weighting import LossWeighting  # noqa: E402
 from pipeline.validate import split_files  # noqa: E402
 
@@ -66,9 +67,9 @@ def write_result(name: str, title: str, rows: list[dict], notes: list[str], comm
     return RESULTS / f"{name}.md"
 
 
-def preprocessed_rows(data: str, spec: DatasetSpec, pre: Preprocessor, rows: int) -> dict[str, np.ndarray]:
-    """The first ``rows`` train rows, read with pyarrow and preprocessed once: the in-memory data of the
-    tight loop and of the peers."""
+def preprocessed_rows(data: str, spec: DatasetSpec, pre: Preprocessor, rows: int) -> pa.Table:
+    """The first ``rows`` train rows, read with pyarrow and preprocessed once (``Preprocessor.transform``'s
+    layout): the in-memory data of the tight loop and of the peers."""
     _, files = split_files(data, "train")
     parts, n = [], 0
     for f in files:
@@ -80,7 +81,24 @@ def preprocessed_rows(data: str, spec: DatasetSpec, pre: Preprocessor, rows: int
                 break
         if n >= rows:
             break
-    return {k: np.concatenate([p[k] for p in parts])[:rows] for k in parts[0]}
+    return pa.concat_tables(parts).slice(0, rows).combine_chunks()
+
+
+def padded_arrays(rows: pa.Table, spec: DatasetSpec) -> dict[str, np.ndarray]:
+    """Preprocessed rows as the padded arrays a peer library takes: ids [N, F], each id list [N, max_len]
+    (right-padded with 0, the out-of-vocabulary row), dense [N, D] and labels [N, T]."""
+    out = {"sparse": np.stack([rows[f.name].to_numpy() for f in spec.sparse], 1).astype(np.int64)}
+    for s in spec.sequences:
+        lists = rows[s.name]
+        offsets, values = lists.offsets.to_numpy(), lists.values.to_numpy()
+        lengths = np.diff(offsets)
+        padded = np.zeros((len(lists), s.max_len), np.int64)
+        cols = np.arange(lengths.sum()) - np.repeat(offsets[:-1], lengths)
+        padded[np.repeat(np.arange(len(lists)), lengths), cols] = values[offsets[0]:offsets[-1]]
+        out[f"seq:{s.name}"] = padded
+    out["dense"] = np.stack([rows[d.name].to_numpy() for d in spec.dense], 1) if spec.dense else np.zeros((len(rows), 0), np.float32)
+    out["labels"] = np.stack([rows[c].to_numpy() for c in spec.label_columns], 1)
+    return out
 
 
 def without_ray(fn, *args):
@@ -97,8 +115,7 @@ def without_ray(fn, *args):
         connect_ray()
 
 
-def limit_in_a_train_worker(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray],
-                            train: TrainConfig) -> float:
+def limit_in_a_train_worker(spec: DatasetSpec, model_cfg: ModelConfig, tensors: pa.Table, train: TrainConfig) -> float:
     """The same tight loop run inside a 1-worker Ray Train run (its worker reserves 1 CPU and uses 2 torch
     threads, as the pipeline's does): what Ray's worker environment alone costs, without any Data."""
     import ray
@@ -107,9 +124,7 @@ def limit_in_a_train_worker(spec: DatasetSpec, model_cfg: ModelConfig, tensors: 
     from ray.train.torch import TorchTrainer
 
     def loop(config: dict) -> None:
-        # private copies: arrays read from the object store are read-only views of shared memory
-        tensors_here = {k: np.array(v) for k, v in ray.get(config["tensors"][0]).items()}
-        sps = tight_loop(spec, model_cfg, tensors_here, train)
+        sps = tight_loop(spec, model_cfg, ray.get(config["tensors"][0]), train)
         with tempfile.TemporaryDirectory() as d:  # Result.metrics holds the reports that carry a checkpoint
             ray.train.report({"samples_per_s": sps}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -120,39 +135,33 @@ def limit_in_a_train_worker(spec: DatasetSpec, model_cfg: ModelConfig, tensors: 
     return result.metrics["samples_per_s"]
 
 
-def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, tensors: dict[str, np.ndarray], train: TrainConfig,
+def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, rows: pa.Table, train: TrainConfig,
                warmup_steps: int = 5, threads_per_step: int | None = None) -> float:
-    """Samples/s of the training step alone: the same model, batch size, loss, optimisers and step
-    (``BatchStep``, its threads as the pipeline's lone CPU worker would split it unless ``threads_per_step``
-    says otherwise) as the pipeline's loop, over tensors already in memory, in one process with all the cores
-    (the ceiling on this machine)."""
+    """Samples/s of the training step alone: the same model (its tables through TorchRec, on one worker),
+    batch size, loss, optimisers and step (``BatchStep``, its threads as the pipeline's lone CPU worker would
+    split it unless ``threads_per_step`` says otherwise) as the pipeline's loop, over batches already in
+    memory, in one process with all the cores (the ceiling on this machine)."""
     threads = os.cpu_count()
     if threads_per_step is None:
         threads_per_step = step_threads(train, threads, use_gpu=False, num_workers=1)
     torch.manual_seed(train.seed)
     torch.set_num_threads(max(1, threads // threads_per_step))
-    model = build_model(spec, model_cfg)
-    optimizers = build_optimizers(model, train, torch.device("cpu"))
-    step = BatchStep(model, LossWeighting(spec.task_names, train), optimizers,
-                     lambda: mixed_precision(train.precision, torch.device("cpu")), threads_per_step)
-    data = {k: torch.from_numpy(v) for k, v in tensors.items()}
-    n, batch_size = len(data["labels"]), train.batch_size
-    starts = list(range(0, n - batch_size + 1, batch_size))
-
-    def train_on(i: int) -> None:
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        step({k: v[i:i + batch_size] for k, v in data.items()})
-        for optimizer in optimizers:
-            optimizer.step()
-
-    try:
-        with freed_memory_kept() if train.keep_freed_memory else nullcontext():  # as the pipeline's training steps
-            for i in starts[:warmup_steps]:
-                train_on(i)
-            t0 = time.perf_counter()
-            for i in starts:
-                train_on(i)
-            return len(starts) * batch_size / (time.perf_counter() - t0)
-    finally:
-        step.close()
+    n, batch_size = rows.num_rows, train.batch_size
+    collate = Collate(spec)
+    batches = [collate(rows.slice(i, batch_size)) for i in range(0, n - batch_size + 1, batch_size)]
+    with local_process_group():  # a lone Train worker's (inside one, Ray's own)
+        model, _ = shard(build_model(spec, model_cfg, table_device="meta"), model_cfg.sharding, train.table_optimizer,
+                         train.table_lr, torch.device("cpu"), batch_size)
+        optimizer = torch.optim.Adam(dense_parameters(model), lr=train.lr, weight_decay=train.weight_decay, fused=True)
+        step = BatchStep(model, LossWeighting(spec.task_names, train), optimizer,
+                         lambda: mixed_precision(train.precision, torch.device("cpu")), threads_per_step)
+        try:
+            with freed_memory_kept() if train.keep_freed_memory else nullcontext():  # as the pipeline's training steps
+                for batch in batches[:warmup_steps]:
+                    step(batch)
+                t0 = time.perf_counter()
+                for batch in batches:
+                    step(batch)
+                return len(batches) * batch_size / (time.perf_counter() - t0)
+        finally:
+            step.close()

@@ -16,7 +16,9 @@ import torch
 from common import ARROW_BATCH_ROWS, write_result
 
 from pipeline.config import DataPaths, DatasetSpec, JobConfig
-from pipeline.data import build_datasets, read_split, tensor_batches
+from ray.data.collate_fn import DefaultCollateFn
+
+from pipeline.data import Collate, build_datasets, read_split, tensor_batches
 from pipeline.job import connect_ray, default_synthetic_data, fit_or_load_preprocessor
 from pipeline.synthetic import SPEC_PATH
 from pipeline.validate import split_files
@@ -32,19 +34,23 @@ def flat_columns(spec: DatasetSpec) -> list[str]:
 def timed(batches) -> tuple[int, float]:
     t0, rows = time.perf_counter(), 0
     for batch in batches:
-        rows += len(next(iter(batch.values())))
+        rows += batch["rows"] if "rows" in batch else len(next(iter(batch.values())))
     return rows, time.perf_counter() - t0
 
 
-def pyarrow_batches(files: list[str], columns: list[str], transform=None):
-    """Plain pyarrow: each file's record batches -> (optionally preprocessed) numpy -> torch, BATCH rows at a time."""
+def pyarrow_batches(files: list[str], columns: list[str], transform=None, collate=None):
+    """Plain pyarrow: each file's record batches -> torch, BATCH rows at a time: the raw columns as tensors, or
+    preprocessed (``transform``) and wrapped as a worker's batch (``collate``: a KeyedJaggedTensor and tensors)."""
     for f in files:
         for rb in pq.ParquetFile(f).iter_batches(batch_size=ARROW_BATCH_ROWS, columns=columns):
             table = pa.Table.from_batches([rb])
-            arrays = transform(table) if transform else {c: table[c].to_numpy() for c in columns}
-            tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-            n = len(next(iter(tensors.values())))
-            for i in range(0, n, BATCH):
+            if transform is not None:
+                table = transform(table)
+                for i in range(0, table.num_rows, BATCH):
+                    yield collate(table.slice(i, BATCH))
+                continue
+            tensors = {c: torch.from_numpy(table[c].to_numpy()) for c in columns}
+            for i in range(0, table.num_rows, BATCH):
                 yield {k: v[i:i + BATCH] for k, v in tensors.items()}
 
 
@@ -64,12 +70,13 @@ def main() -> None:
         pre = fit_or_load_preprocessor(JobConfig(data=DataPaths(data, str(SPEC_PATH))), spec, a.out)
         _, files = split_files(data, "train")
         for what, ray_batches, arrow_batches in [
-            ("raw columns", lambda: tensor_batches(read_split(data, "train", spec).select_columns(cols), BATCH),
-             lambda: pyarrow_batches(files, cols)),
+            ("raw columns", lambda: read_split(data, "train", spec).select_columns(cols).iter_torch_batches(
+                batch_size=BATCH, collate_fn=DefaultCollateFn(num_workers=0)), lambda: pyarrow_batches(files, cols)),
             ("preprocessed (worker input)",
              # the evaluation splits' path: the same transform on both sides (train adds a row permutation)
-             lambda: tensor_batches(build_datasets(data, spec, pre, splits=("train",), shuffle_window=0)["train"], BATCH),
-             lambda: pyarrow_batches(files, spec.feature_columns + spec.label_columns, pre.transform)),
+             lambda: tensor_batches(build_datasets(data, spec, pre, splits=("train",), shuffle_window=0)["train"], spec,
+                                    BATCH, pad=False),
+             lambda: pyarrow_batches(files, spec.feature_columns + spec.label_columns, pre.transform, Collate(spec))),
         ]:
             timed(ray_batches())  # warm-up: worker processes started, files in the page cache
             ray_rate, arrow_rate = [], []
@@ -91,7 +98,8 @@ def main() -> None:
                   "Ray Data's side iterates as the training workers do (pipeline.data.tensor_batches: columns "
                   "converted in the iterator's prefetch thread, not Ray's default pool of 4 threads)",
                   f"raw columns: {len(cols)} flat columns (ids, dense, labels); preprocessed: our Preprocessor.transform "
-                  "(vocabulary/hash encoding, sequence padding, normalisation), by Ray Data on whole read blocks "
+                  "(vocabulary/hash encoding, id lists cut to max_len, normalisation) and the worker's collate into a "
+                  "KeyedJaggedTensor, by Ray Data on whole read blocks "
                   f"(a file each) in the read tasks, by pyarrow in-process on {ARROW_BATCH_ROWS:,}-row record batches"],
                  "python bench/ingest.py")
 

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import torch
-from common import preprocessed_rows, tight_loop, without_ray, write_result
+from common import padded_arrays, preprocessed_rows, tight_loop, without_ray, write_result
 from throughput import pipeline_samples_per_s
 
 from pipeline.config import DataPaths, DatasetSpec, JobConfig, ModelConfig, TrainConfig
@@ -33,10 +33,11 @@ from pipeline.train import uses_bf16
 DIM = 16
 
 
-def rechub_inputs(spec: DatasetSpec, tensors: dict[str, np.ndarray]):
+def rechub_inputs(spec: DatasetSpec, rows):
     """torch-rechub feature objects and its x dict / y array for the same preprocessed rows."""
     from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
 
+    tensors = padded_arrays(rows, spec)
     features, x, owner = [], {}, {}
     for j, f in enumerate(spec.sparse):
         table = spec.tables[f.table_name]
@@ -49,7 +50,7 @@ def rechub_inputs(spec: DatasetSpec, tensors: dict[str, np.ndarray]):
         features.append(SequenceFeature(s.name, vocab_size=table.num_rows, embed_dim=DIM, pooling=s.pooling,
                                         shared_with=owner.get(table.name), padding_idx=0))
         owner.setdefault(table.name, s.name)
-        x[s.name] = tensors["seq"][:, j, : s.max_len]
+        x[s.name] = tensors[f"seq:{s.name}"]
     for j, d in enumerate(spec.dense):
         features.append(DenseFeature(d.name))
         x[d.name] = tensors["dense"][:, j]
@@ -120,8 +121,8 @@ def main() -> None:
         [f"config: experts {cfg.expert_hidden}, towers {cfg.tower_hidden}; PLE {cfg.num_levels} levels x "
          f"({cfg.num_shared_experts} shared + {cfg.num_task_experts} per task) experts; MMoE {cfg.num_experts} experts; "
          f"every embedding table {DIM}-dim (the spec's tables, the category table shared); batch {default.batch_size}; "
-         f"Adam lr {default.lr}: ours fused Adam for the dense layers and, on CPU, lazy Adam (SparseAdam) with sparse "
-         "gradients for the large embedding tables (pipeline.train.build_optimizers); torch-rechub's default Adam, "
+         f"Adam lr {default.lr}: ours fused Adam for the dense layers and the tables through TorchRec (FBGEMM's kernels, "
+         f"{default.table_optimizer} lr {default.table_lr} fused into the backward; pipeline.sharding); torch-rechub's default Adam, "
          "dense, over everything",
          f"precision: ours by default `train.precision: {default.precision}`, i.e. bf16 autocast where the CPU has native "
          f"bf16 ({'as this one does' if bf16 else 'this one has not'}), and forced to fp32 in its own column; "

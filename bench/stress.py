@@ -14,7 +14,7 @@ the deaths in mid-run.
     python bench/stress.py --runs 20 --env MALLOC_PERTURB_=165 --load 1 -- --train-rows 300000
 
 ``--script`` runs another job with the same arguments, e.g. ``bench/stress_startups.py`` (many worker
-start-ups per run; ``bench/stress_standalone.py`` is the step pattern without Ray). ``--load K`` runs K
+start-ups per run). ``--load K`` runs K
 busy-loop processes beside each job (a loaded machine); ``--env`` sets variables for the job and every Ray
 process it starts; ``--cores`` lets crashed processes dump core (read with gdb) into the run's directory.
 Arguments after ``--`` go to the job. Results: ``bench/results/stress.md`` and ``stress.json`` (``runs``,

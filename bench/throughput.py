@@ -3,7 +3,7 @@
 Pipeline: the default PLE job (Ray Data streaming the Parquet log -> preprocessing -> Ray Train), one epoch,
 samples/s of its training loop (``train/samples_per_s``: from the loop asking for its first batch to the
 last step, so what the model's set-up did not hide of the Data start-up counts). Limit: the same model,
-batch size, loss, optimisers (``build_optimizers``) and step (``BatchStep``, split across as many threads as
+batch size, loss, optimisers (fused Adam; the tables' optimizer fused into the backward) and step (``BatchStep``, split across as many threads as
 the pipeline's lone worker splits it) in a tight single-process loop over as many rows, already in memory as
 tensors, with all the cores and no Ray running. For reference the bench also measures both with each step in
 one thread (``train.step_threads: 1``, intra-op parallelism only).
@@ -113,7 +113,7 @@ def main() -> None:
     bf16 = uses_bf16(default.precision, torch.device("cpu"))
     write_result(
         "throughput", f"Training throughput: {name} pipeline vs the in-memory limit, 1 vs 2 workers", rows,
-        [f"default job config: batch {default.batch_size}, optimisers of pipeline.train.build_optimizers, lr {default.lr}, "
+        [f"default job config: batch {default.batch_size}, fused Adam lr {default.lr} and {default.table_optimizer} lr {default.table_lr} for the tables, "
          f"precision {default.precision} ({'bf16 autocast' if bf16 else 'fp32'} on this machine), "
          f"{json.dumps(model.__dict__)}",
          f"data: the default synthetic log, {a.train_rows:,} train rows; the tight loop runs over the first "

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 
-from pipeline.config import PRECISIONS, JobConfig, merge_overrides
+from pipeline.config import PRECISIONS, JobConfig, ModelConfig, merge_overrides
 from pipeline.models import MODELS
 from pipeline.synthetic import SPEC_PATH
 from pipeline.weighting import STRATEGIES
@@ -35,6 +36,8 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
                    help="glibc malloc keeps what a training step frees for the next (default; faster on CPU)")
     p.add_argument("--step-threads", type=int,
                    help="threads that share each step of a lone CPU worker, its batch split between them (0: auto, 2)")
+    p.add_argument("--sharding", choices=typing.get_args(typing.get_type_hints(ModelConfig)["sharding"]),
+                   help="how the embedding tables are sharded across the workers (default: auto, TorchRec's planner)")
     p.add_argument("--name", help="run name; rerunning with the same name resumes from its latest checkpoint")
     p.add_argument("--storage-path", help="checkpoints and results: a local directory or s3://...")
     p.add_argument("--output", help="where metrics.json, config.yaml and checkpoint/ are written")
@@ -53,7 +56,7 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
         "train.batch_size": args.batch_size, "train.lr": args.lr, "train.seed": args.seed,
         "train.loss_weighting": args.loss_weighting, "train.precision": args.precision,
         "train.compile": args.compile, "train.keep_freed_memory": args.keep_freed_memory,
-        "train.step_threads": args.step_threads, "name": args.name,
+        "train.step_threads": args.step_threads, "model.sharding": args.sharding, "name": args.name,
         "storage_path": args.storage_path, "output": args.output,
     })
     if not job.data.path:

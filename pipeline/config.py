@@ -1,10 +1,6 @@
-"""Typed configuration: the dataset spec and the training config, as plain dataclasses loaded from YAML.
-
-A dataset spec describes one impression log: its sparse id features, multi-valued (sequence) id
-features, dense features and tasks. Embedding tables are derived from the features: a feature owns
-a table unless it names a shared one with ``table:`` (e.g. the behaviour sequence of categories
-shares the ``category`` table with the target item's category).
-"""
+"""Typed configuration: the dataset spec (``pipeline.features``) and the training config, as plain
+dataclasses loaded from YAML. The loader (``from_dict``) checks every key's type, ``Literal`` choices
+included, and names the key path in its message."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,167 +9,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A spec or config that cannot be used; the message says where and why."""
-
-
-# ----------------------------------------------------------------------------- dataset spec
-
-
-@dataclass
-class SparseFeature:
-    """A single-valued id column (int64 or string). Exactly one of ``vocab_size``, ``hash_buckets`` or
-    ``num_ids`` sizes its table (unless it uses a table another feature defines)."""
-
-    name: str
-    vocab_size: Optional[int] = None  # ordinal encoding fit on train; index 0 is out-of-vocabulary
-    hash_buckets: Optional[int] = None  # or: hash the raw id into this many buckets
-    # or: the ids are already indices in [0, num_ids) (a pre-encoded log) and are used as they are; an
-    # id outside that range is bad input (refused, or its row dropped under on_bad_rows: drop)
-    num_ids: Optional[int] = None
-    dim: int = 16
-    table: Optional[str] = None  # share an embedding table with other features of this name
-
-    @property
-    def table_name(self) -> str:
-        return self.table or self.name
-
-
-@dataclass
-class SequenceFeature:
-    """A multi-valued id column (``list<int64>``): a behaviour sequence, padded/truncated to max_len."""
-
-    name: str
-    max_len: int = 20
-    pooling: str = "mean"  # mean | sum | max
-    vocab_size: Optional[int] = None
-    hash_buckets: Optional[int] = None
-    num_ids: Optional[int] = None
-    dim: int = 16
-    table: Optional[str] = None
-
-    @property
-    def table_name(self) -> str:
-        return self.table or self.name
-
-
-@dataclass
-class DenseFeature:
-    name: str
-    normalize: str = "standard"  # standard | log_standard | none
-
-
-@dataclass
-class Task:
-    """A binary task. ``depends_on`` names the task that must be positive first (the funnel:
-    convert depends on click); its label is over the full exposure space (convert=1 implies click=1)."""
-
-    name: str
-    label: Optional[str] = None  # label column; defaults to the task name
-    depends_on: Optional[str] = None
-
-    @property
-    def label_column(self) -> str:
-        return self.label or self.name
-
-
-@dataclass
-class EmbeddingTable:
-    name: str
-    num_rows: int  # including the out-of-vocabulary / padding row 0
-    dim: int
-    encoding: str  # "vocab" (ordinal, fit on train), "hash" or "identity" (id i -> row i + 1)
-
-    @property
-    def num_ids(self) -> Optional[int]:
-        """The valid raw ids [0, num_ids) of an identity table; None for the others (any id is fine)."""
-        return self.num_rows - 1 if self.encoding == "identity" else None
-
-
-@dataclass
-class DatasetSpec:
-    name: str
-    tasks: list[Task]
-    sparse: list[SparseFeature] = field(default_factory=list)
-    sequences: list[SequenceFeature] = field(default_factory=list)
-    dense: list[DenseFeature] = field(default_factory=list)
-    # task name -> column with the true probability P(task label = 1 | exposure); never a feature.
-    oracle: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.tables = self._derive_tables()
-        names = [t.name for t in self.tasks]
-        if not names:
-            raise ConfigError(f"spec {self.name!r}: at least one task is required")
-        for t in self.tasks:
-            if t.depends_on is not None and t.depends_on not in names:
-                raise ConfigError(f"spec {self.name!r}: task {t.name!r} depends_on unknown task {t.depends_on!r}")
-            if t.depends_on == t.name:
-                raise ConfigError(f"spec {self.name!r}: task {t.name!r} depends on itself")
-        for s in self.sequences:
-            if s.pooling not in ("mean", "sum", "max"):
-                raise ConfigError(f"spec {self.name!r}: sequence {s.name!r} pooling must be mean|sum|max, got {s.pooling!r}")
-        for d in self.dense:
-            if d.normalize not in ("standard", "log_standard", "none"):
-                raise ConfigError(f"spec {self.name!r}: dense {d.name!r} normalize must be standard|log_standard|none")
-        cols = self.feature_columns + self.label_columns + list(self.oracle.values())
-        dup = {c for c in cols if cols.count(c) > 1}
-        if dup:
-            raise ConfigError(f"spec {self.name!r}: columns used twice: {sorted(dup)}")
-        if set(self.oracle) - set(names):
-            raise ConfigError(f"spec {self.name!r}: oracle names unknown tasks {sorted(set(self.oracle) - set(names))}")
-
-    def _derive_tables(self) -> dict[str, EmbeddingTable]:
-        tables: dict[str, EmbeddingTable] = {}
-        for f in [*self.sparse, *self.sequences]:
-            sizes = {k: v for k, v in (("vocab_size", f.vocab_size), ("hash_buckets", f.hash_buckets),
-                                       ("num_ids", f.num_ids)) if v is not None}
-            if len(sizes) > 1:
-                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} sets both {' and '.join(sizes)}")
-            if not sizes:
-                if f.table_name in tables:
-                    continue  # uses a table another feature defines
-                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} needs vocab_size, hash_buckets or num_ids "
-                                  "(or a shared table)")
-            (kind, size), = sizes.items()
-            if size < (1 if kind == "num_ids" else 2):
-                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} {kind} is too small: {size}")
-            encoding = {"vocab_size": "vocab", "hash_buckets": "hash", "num_ids": "identity"}[kind]
-            table = EmbeddingTable(f.table_name, size + (kind == "num_ids"), f.dim, encoding)
-            old = tables.get(f.table_name)
-            if old is not None and old != table:
-                raise ConfigError(f"spec {self.name!r}: shared table {f.table_name!r} defined differently: {old} vs {table}")
-            tables[f.table_name] = table
-        for f in [*self.sparse, *self.sequences]:
-            if f.table_name not in tables:
-                raise ConfigError(f"spec {self.name!r}: feature {f.name!r} uses undefined table {f.table_name!r}")
-            if tables[f.table_name].dim != f.dim and (f.vocab_size or f.hash_buckets or f.num_ids) is None:
-                f.dim = tables[f.table_name].dim
-        return tables
-
-    @property
-    def feature_columns(self) -> list[str]:
-        return [f.name for f in self.sparse] + [f.name for f in self.sequences] + [f.name for f in self.dense]
-
-    @property
-    def label_columns(self) -> list[str]:
-        return [t.label_column for t in self.tasks]
-
-    @property
-    def task_names(self) -> list[str]:
-        return [t.name for t in self.tasks]
-
-    def task(self, name: str) -> Task:
-        return next(t for t in self.tasks if t.name == name)
-
-    @staticmethod
-    def load(path: str | Path) -> "DatasetSpec":
-        return load_yaml(path, DatasetSpec)
+# the dataset spec and its feature kinds live in pipeline.features (one class per kind); re-exported here
+from pipeline.features import (ConfigError, DatasetSpec, DenseFeature, EmbeddingTable, IdFeature,  # noqa: F401
+                               IdListFeature, Task)
 
 
 # ----------------------------------------------------------------------------- training config
@@ -196,6 +38,9 @@ class ModelConfig:
     dependent_loss: str = "esmm"
     aitm_constraint_weight: float = 0.6  # AITM's label-constraint loss weight (the paper's alpha)
     embedding_dim: Optional[int] = None  # overrides every table's dim from the spec (a Tune knob)
+    # how the embedding tables are sharded across the workers (TorchRec): auto lets TorchRec's planner choose
+    # per table; or one sharding type for every table
+    sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = "auto"
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -209,6 +54,10 @@ class TrainConfig:
     batch_size: int = 2048
     lr: float = 2e-3
     weight_decay: float = 0.0
+    # the embedding tables' optimizer, fused into the backward by FBGEMM (on CPU: rowwise_adagrad, adagrad or
+    # sgd; adam on GPU), and its learning rate; the dense layers take Adam with ``lr``
+    table_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    table_lr: float = 0.05
     loss_weights: dict[str, float] = field(default_factory=dict)  # task -> weight (default 1)
     # fixed | uncertainty (Kendall et al. 2018) | gradnorm (Chen et al. 2018) | decay (PLE: w0 * gamma^epoch)
     loss_weighting: str = "fixed"
@@ -328,6 +177,10 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {'|'.join(map(str, args))}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

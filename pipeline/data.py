@@ -5,15 +5,16 @@ train) -> ``map_batches(Preprocessor.transform)`` fused into the read task (trai
 windows of each block) -> streaming split across Train workers -> ``tensor_batches``. Nothing is
 materialised: each epoch re-streams the files.
 
-A transformed batch holds four packed arrays instead of one column per feature, so a worker converts
-a handful of tensors per batch:
-    sparse [B, F] int32   table-local indices, 0 = out of vocabulary (int32: half the bytes of int64
-                           through the Data path; every table has far fewer than 2**31 rows)
-    seq    [B, S, L] int32 most recent L ids of each sequence feature, 0 = padding
-    dense  [B, D] float32  normalised
-    labels [B, T] float32  (and oracle [B, T] float32 on evaluation splits of synthetic data)
-    keep   [B] bool        only under ``on_bad_rows: drop``: False for a bad row, which the worker counts
-                           as read and leaves out of training and evaluation
+A transformed block holds one column per feature, encoded by its feature class (``pipeline.features``):
+    <id feature>       int32         table-local index, 0 = out of vocabulary (int32: half the bytes of int64
+                                     through the Data path; every table has far fewer than 2**31 rows)
+    <id list feature>  list<int32>   the most recent ``max_len`` ids, no padding (the jagged layout)
+    <dense feature>    float32       normalised
+    <label column>     float32       (and the oracle columns, float32, on evaluation splits of synthetic data)
+    _keep              bool          only under ``on_bad_rows: drop``: False for a bad row, which the worker
+                                     counts as read and leaves out of training and evaluation
+A worker's ``Collate`` wraps a batch of those rows into one ``KeyedJaggedTensor`` of all id features plus
+dense, label and oracle tensors.
 """
 from __future__ import annotations
 
@@ -27,13 +28,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 from ray.data._internal.execution.execution_callback import ExecutionCallback
-from ray.data.collate_fn import DefaultCollateFn
+from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline.config import DatasetSpec, TrainConfig
-from pipeline.validate import as_floats, bad_row_masks, split_files
+from pipeline.features import as_floats
+from pipeline.validate import bad_row_masks, split_files
 
 FIT_BATCH_ROWS = 65_536
 IDS = np.int32  # encoded ids
+KEEP = "_keep"  # the column marking a row good under on_bad_rows: drop
 _REDUCE_EVERY = 2_000_000  # merge partial value counts once this many (value, count) pairs pile up
 
 
@@ -66,20 +69,17 @@ class Preprocessor:
             if drop_bad_rows and (masks := bad_row_masks(batch, spec)):  # fit on the rows that will train
                 batch = batch.filter(pa.array(~np.logical_or.reduce([m for *_, m in masks])))
             rows += batch.num_rows
-            for f in [*spec.sparse, *spec.sequences]:
+            for f in spec.id_features:
                 if f.table_name not in vocab_tables:
                     continue
-                col = batch[f.name].combine_chunks()
-                if isinstance(col.type, (pa.ListType, pa.LargeListType)):
-                    col = col.flatten()
-                vc = pc.value_counts(col)
+                vc = pc.value_counts(f.raw_ids(batch[f.name].combine_chunks()))
                 counts[f.table_name].append(pa.table({"value": vc.field("values"), "count": vc.field("counts")}))
                 pending[f.table_name] += len(vc)
                 if pending[f.table_name] > _REDUCE_EVERY:
                     counts[f.table_name] = [_merge_counts(counts[f.table_name])]
                     pending[f.table_name] = len(counts[f.table_name][0])
             for j, d in enumerate(spec.dense):
-                v = _dense_values(batch[d.name], d.normalize)
+                v = d.values(batch[d.name])
                 dense_sum[j] += v.sum()
                 dense_sq[j] += np.square(v).sum()
         if rows == 0:
@@ -95,25 +95,22 @@ class Preprocessor:
 
     # ------------------------------------------------------------------ transform
 
-    def transform(self, batch: pa.Table) -> dict[str, np.ndarray]:
+    def transform(self, batch: pa.Table) -> pa.Table:
+        """Raw rows -> model-ready rows: each feature encoded by its class, labels and oracle as float32."""
         spec, n = self.spec, batch.num_rows
-        out = zeros_batch(spec, n)  # the layout; ids and padding filled in place below
-        if self.drop_bad_rows:  # bad values below are encoded harmlessly; their rows are never used
-            masks = bad_row_masks(batch, spec)
-            out["keep"] = ~np.logical_or.reduce([m for *_, m in masks]) if masks else np.ones(n, bool)
-        for j, f in enumerate(spec.sparse):
-            out["sparse"][:, j] = self._encode(batch[f.name].combine_chunks(), f.table_name)
-        for j, s in enumerate(spec.sequences):
-            out["seq"][:, j, : s.max_len] = self._encode_sequence(batch[s.name].combine_chunks(), s)
-        if spec.dense:
-            dense = np.stack([_dense_values(batch[d.name], d.normalize) for d in spec.dense], axis=1)
-            out["dense"] = ((dense - self.dense_mean) / self.dense_std).astype(np.float32)
-        out["labels"] = np.stack([as_floats(batch[c]) for c in spec.label_columns], axis=1).astype(np.float32)
+        out = {}
+        for f in spec.id_features:
+            out[f.name] = f.encode(batch[f.name].combine_chunks(), self._encode)
+        for j, d in enumerate(spec.dense):
+            out[d.name] = d.encode(batch[d.name], self.dense_mean[j], self.dense_std[j])
+        for c in spec.label_columns:
+            out[c] = pa.array(as_floats(batch[c]).astype(np.float32))
         if spec.oracle and all(c in batch.column_names for c in spec.oracle.values()):
-            out["oracle"] = np.stack([
-                batch[spec.oracle[t]].to_numpy(zero_copy_only=False).astype(np.float32)
-                if t in spec.oracle else np.full(n, np.nan, np.float32) for t in spec.task_names], axis=1)
-        return out
+            out |= {c: pa.array(batch[c].to_numpy(zero_copy_only=False).astype(np.float32)) for c in spec.oracle.values()}
+        if self.drop_bad_rows:  # bad values above are encoded harmlessly; their rows are never used
+            masks = bad_row_masks(batch, spec)
+            out[KEEP] = pa.array(~np.logical_or.reduce([m for *_, m in masks]) if masks else np.ones(n, bool))
+        return pa.table(out)
 
     def _encode(self, values: pa.Array, table: str) -> np.ndarray:
         """Raw ids -> table-local indices in [0, num_rows); 0 is the out-of-vocabulary row."""
@@ -144,21 +141,6 @@ class Preprocessor:
         if vocab.type != values.type:
             vocab = vocab.cast(values.type)
         return (pc.index_in(values, value_set=vocab).fill_null(-1).to_numpy() + 1).astype(IDS)
-
-    def _encode_sequence(self, values: pa.Array, s) -> np.ndarray:
-        """Keep the last ``max_len`` entries of each list (the most recent), right-padded with 0."""
-        offsets = values.offsets.to_numpy()
-        flat = values.values.slice(offsets[0], offsets[-1] - offsets[0])
-        offsets = offsets - offsets[0]
-        codes = self._encode(flat, s.table_name)
-        n, max_len = len(values), s.max_len
-        keep = np.minimum(np.diff(offsets), max_len)
-        rows = np.repeat(np.arange(n), keep)
-        cols = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
-        src = np.repeat(offsets[1:] - keep, keep) + cols
-        out = np.zeros((n, max_len), dtype=IDS)
-        out[rows, cols] = codes[src]
-        return out
 
     # ------------------------------------------------------------------ save / load
 
@@ -195,31 +177,9 @@ def _int_lookup(values: np.ndarray) -> tuple:
     return lo, None, values[order], rows[order]
 
 
-def zeros_batch(spec: DatasetSpec, rows: int) -> dict[str, np.ndarray]:
-    """A batch of all-zero rows (out-of-vocabulary ids, mean dense values) in ``Preprocessor.transform``'s layout."""
-    out = {"sparse": np.zeros((rows, len(spec.sparse)), dtype=IDS)}
-    if spec.sequences:
-        out["seq"] = np.zeros((rows, len(spec.sequences), max(s.max_len for s in spec.sequences)), dtype=IDS)
-    if spec.dense:
-        out["dense"] = np.zeros((rows, len(spec.dense)), dtype=np.float32)
-    out["labels"] = np.zeros((rows, len(spec.label_columns)), dtype=np.float32)
-    return out
-
-
-def without_bad_rows(batch: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
-    """A worker's batch without the rows the preprocessing marked bad (on_bad_rows: drop)."""
-    keep = batch["keep"]
-    return {k: v[keep] for k, v in batch.items() if k != "keep"}
-
-
 def _merge_counts(parts: list[pa.Table]) -> pa.Table:
     merged = pa.concat_tables(parts).group_by("value").aggregate([("count", "sum")])
     return merged.rename_columns(["value", "count"])
-
-
-def _dense_values(column: pa.ChunkedArray, normalize: str) -> np.ndarray:
-    v = as_floats(column)
-    return np.log1p(v, where=v >= 0, out=np.full_like(v, np.nan)) if normalize == "log_standard" else v
 
 
 def read_split(path: str, split: str, spec: DatasetSpec, shuffle_files: bool = False) -> ray.data.Dataset:
@@ -253,15 +213,81 @@ def build_datasets(path: str, spec: DatasetSpec, preprocessor: Preprocessor, spl
     return out
 
 
-def tensor_batches(ds, batch_size: int, device: "torch.device | None" = None, **kwargs):
-    """``iter_torch_batches`` with each batch's columns converted to tensors in the iterator's own (prefetch)
-    thread. Ray's default collate hands them to a pool of 4 threads: over a materialised 1M-row split here,
-    ~6k more context switches and 0.1 s more CPU (3.7M -> 5.8M rows/s), wake-ups that preempt a training
-    worker's compute threads on a small machine."""
-    cuda = device is not None and device.type == "cuda"
-    # as Ray's default: chunked columns are combined on the host for CPU, and on the way to a GPU
-    return ds.iter_torch_batches(batch_size=batch_size, device=device or "auto", pin_memory=cuda,
-                                 collate_fn=DefaultCollateFn(combine_chunks=not cuda, num_workers=0), **kwargs)
+def tensor_batches(ds, spec: DatasetSpec, batch_size: int, device: "torch.device | None" = None, pad: bool = True,
+                   **kwargs):
+    """A worker's batches (``Collate``), each padded to ``batch_size`` rows (``pad``), built in the iterator's
+    own (prefetch) thread. Ray's default collate hands the columns to a pool of 4 threads: over a materialised
+    1M-row split here, ~6k more context switches and 0.1 s more CPU, wake-ups that preempt a training worker's
+    compute threads on a small machine."""
+    collate = Collate(spec, batch_size if pad else None)
+    batches = ds.iter_torch_batches(batch_size=batch_size, collate_fn=collate, **kwargs)
+    if device is None or device.type == "cpu":
+        return batches
+    return (to_device(b, device) for b in batches)
+
+
+def to_device(batch: dict, device: "torch.device") -> dict:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+class Collate(ArrowBatchCollateFn):
+    """A worker's batch from preprocessed rows: ``ids``, one ``KeyedJaggedTensor`` of every id feature (keys
+    ``spec.id_keys``: the features' encoded values and lengths, concatenated), ``dense`` [B, D], ``labels``
+    [B, T] and, where the split has them, ``oracle`` [B, T]; ``rows``, how many rows are real, and
+    ``rows_read``, how many the batch read (under ``on_bad_rows: drop`` the bad ones are left out here).
+
+    With ``pad_to``, a batch is padded to that many rows with empty ones (no ids, zero dense values and
+    labels), which the loop leaves out of losses and metrics. Every worker then steps with the same batch
+    size, as sharded tables need: row-wise sharding's backward all-gathers the pooled gradients, which gloo
+    takes only in equal parts, and a worker whose shard has run out steps on an all-empty batch (``empty``)."""
+
+    def __init__(self, spec: DatasetSpec, pad_to: int | None = None) -> None:
+        self.spec, self.pad_to = spec, pad_to
+        self.id_features = [spec.feature(k) for k in spec.id_keys]
+        self.oracle = [spec.oracle.get(t) for t in spec.task_names]
+
+    def __call__(self, table: pa.Table) -> dict:
+        import torch
+        from torchrec import KeyedJaggedTensor
+
+        read = table.num_rows
+        if KEEP in table.column_names:
+            table = table.filter(table[KEEP])
+        n = table.num_rows
+        rows = max(n, self.pad_to or 0)
+        values, lengths = [], []
+        for f in self.id_features:
+            v, length = f.jagged(table[f.name].combine_chunks())
+            values.append(v)
+            lengths += [length, np.zeros(rows - n, np.int32)]
+        ids = KeyedJaggedTensor(keys=self.spec.id_keys, values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
+                                lengths=torch.from_numpy(np.concatenate(lengths)))
+        out = {"ids": ids, "dense": self._stack([d.name for d in self.spec.dense], table, rows),
+               "labels": self._stack(self.spec.label_columns, table, rows), "rows": n, "rows_read": read}
+        if self.spec.oracle and all(c in table.column_names for c in self.spec.oracle.values()):
+            out["oracle"] = self._stack(self.oracle, table, rows)
+        return out
+
+    def empty(self) -> dict:
+        """A batch of ``pad_to`` empty rows: what a worker whose shard has run out steps on."""
+        return self(empty_rows(self.spec))
+
+    @staticmethod
+    def _stack(columns: list, table: pa.Table, rows: int) -> "torch.Tensor":
+        import torch
+
+        out = np.zeros((rows, len(columns)), np.float32)
+        for j, c in enumerate(columns):
+            out[:table.num_rows, j] = table[c].to_numpy() if c is not None else np.nan
+        return torch.from_numpy(out)
+
+
+def empty_rows(spec: DatasetSpec, rows: int = 0) -> pa.Table:
+    """``rows`` preprocessed rows of out-of-vocabulary ids, empty id lists, zero dense values and labels."""
+    kinds = {"id": pa.array(np.zeros(rows, IDS)), "dense": pa.array(np.zeros(rows, np.float32)),
+             "id_list": pa.ListArray.from_arrays(pa.array(np.zeros(rows + 1, np.int32)), pa.array([], pa.int32()))}
+    return pa.table({f.name: kinds[f.kind] for f in spec.features}
+                    | {c: pa.array(np.zeros(rows, np.float32)) for c in spec.label_columns})
 
 
 class PermutedTransform:
@@ -272,13 +298,13 @@ class PermutedTransform:
     def __init__(self, preprocessor: Preprocessor, window: int) -> None:
         self.preprocessor, self.window = preprocessor, window
 
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         out = self.preprocessor.transform(batch)
         rng = np.random.default_rng()  # fresh entropy: a new order every epoch
         order = np.arange(batch.num_rows)
         for start in range(0, batch.num_rows, self.window):
             rng.shuffle(order[start:start + self.window])  # in place, through the view
-        return {k: v[order] for k, v in out.items()}
+        return out.take(order)
 
 
 class BackpressureBackoff(ExecutionCallback):

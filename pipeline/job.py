@@ -27,6 +27,7 @@ from pipeline.data import BackpressureBackoff, Preprocessor, build_datasets, rea
 from pipeline.plots import plot_gates, plot_learning_curves
 from pipeline.restarts import RestartLog, describe
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
+from pipeline.sharding import check_table_optimizer
 from pipeline.train import step_threads, train_loop_per_worker
 from pipeline.validate import DataReport, validate_dataset
 
@@ -207,11 +208,16 @@ def check_resumable(job: JobConfig, storage: str) -> None:
         return
     with fs.open_input_stream(f"{complete[-1]}/config.json") as f:
         previous = json.loads(f.read())["job"]
+    # the sharding plan is not the model: a checkpoint reshards onto another plan or number of workers (DCP)
     for key in ("data", "model"):
-        if previous[key] != job.to_dict()[key]:
+        if _without(previous[key], "sharding") != _without(job.to_dict()[key], "sharding"):
             raise ConfigError(
                 f"run {job.name!r} in {storage} was made with {key} {previous[key]}, not {job.to_dict()[key]}; "
                 f"pass another --name to start a new run (or delete {root}/{job.name})")
+
+
+def _without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
 
 
 def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
@@ -227,6 +233,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     pre = fit_or_load_preprocessor(job, spec, storage)
     scaling, threads = scaling_for_cluster(job.train)
     threads_per_step = step_threads(job.train, threads, scaling.use_gpu, scaling.num_workers)
+    check_table_optimizer(job.train.table_optimizer, scaling.use_gpu)
     print(f"workers: {scaling.num_workers} x {scaling.resources_per_worker} ({threads} torch threads each"
           + (f", each step split across {threads_per_step} threads)" if threads_per_step > 1 else ")"))
 
@@ -287,6 +294,8 @@ def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result, d
     plot_gates(summary["metrics"], spec.task_names, out / "gates.png")
     plot_learning_curves(summary["history"], spec.task_names, out / "learning_curves.png")
     print(format_table(metrics, spec))
+    if metrics.get("plan"):
+        print("embedding tables: " + "; ".join(f"{t} {p}" for t, p in metrics["plan"].items()))
     for line in describe(restarts):
         print(line)
     for flag in ("collapsed", "identical"):

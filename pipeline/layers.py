@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -12,106 +11,55 @@ from pipeline.config import DatasetSpec
 
 
 class EmbeddingFront(nn.Module):
-    """All id features through one fused lookup per embedding dim (TorchRec style), plus dense features.
+    """Every id feature through TorchRec, plus the dense features: [B, out_dim].
 
-    Tables of the same dim are stacked into one weight; each feature indexes it through a row offset,
-    so a batch's sparse ids are looked up with a single ``F.embedding`` and its sequences with a single
-    ``F.embedding_bag`` per (dim, pooling), whatever the number of features. A shared table (a behaviour
-    sequence of categories and the target item's category) is stored once.
+    Input: one ``KeyedJaggedTensor`` with keys ``spec.id_keys`` (``pipeline.data.Collate``) and dense [B, D].
+    The tables the spec pools by sum or mean (``EmbeddingTable.pooling``) are one ``EmbeddingBagCollection``:
+    FBGEMM's batched kernels look up and pool every feature in one call, and under
+    ``DistributedModelParallel`` they are sharded and updated by an optimizer fused into the backward
+    (``pipeline.sharding``). A table with a max-pooled feature is looked up un-pooled, in an
+    ``EmbeddingCollection`` per embedding dim (TorchRec's ``EmbeddingCollection`` takes one dim), and pooled
+    here. A shared table (the behaviour sequence of categories and the target item's category) is stored
+    once. An empty id list pools to zeros.
 
-    Inputs hold table-local indices: ``sparse`` [B, F], ``seq`` [B, S, L] (0 = padding) and ``dense``
-    [B, D]. Output: [B, out_dim] = flattened sparse embeddings, pooled sequences, dense.
+    ``device="meta"`` builds the tables without memory, for ``DistributedModelParallel`` to materialise
+    only this worker's shards."""
 
-    ``stacked[g].sparse``: weight g's gradient is sparse (the batch's rows only) instead of a dense tensor of
-    the weight's full size, which the backward zero-fills and the optimiser sweeps every step
-    (``use_sparse_grads``).
-    """
-
-    def __init__(self, spec: DatasetSpec, init_std: float = 0.02) -> None:
+    def __init__(self, spec: DatasetSpec, init_std: float = 0.02, device: torch.device | str | None = None) -> None:
         super().__init__()
-        by_dim: dict[int, list] = defaultdict(list)
-        for table in spec.tables.values():
-            by_dim[table.dim].append(table)
-        self.dims = sorted(by_dim)
-        # nn.Embedding modules only as holders of the stacked weights (looked up with F.embedding/embedding_bag
-        # below): DDP recognises a sparse-gradient parameter by its module's type and ``sparse`` flag
-        self.stacked = nn.ModuleList()
-        table_offset: dict[str, int] = {}
-        for dim in self.dims:
-            rows = 0
-            for table in by_dim[dim]:
-                table_offset[table.name] = rows
-                rows += table.num_rows
-            self.stacked.append(nn.Embedding(rows, dim, _weight=torch.randn(rows, dim) * init_std))
-        group_of = {t.name: self.dims.index(t.dim) for t in spec.tables.values()}
-        self.ids_per_example = [sum(group_of[f.table_name] == g for f in spec.sparse)
-                                + sum(s.max_len for s in spec.sequences if group_of[s.table_name] == g)
-                                for g in range(len(self.dims))]
+        from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
-        # per dim group: which sparse columns it serves and their row offsets
-        self.sparse_groups: list[int] = []
-        for g in range(len(self.dims)):
-            cols = [j for j, f in enumerate(spec.sparse) if group_of[f.table_name] == g]
-            if cols:
-                self.sparse_groups.append(g)
-                self.register_buffer(f"sparse_cols_{g}", torch.tensor(cols), persistent=False)
-                self.register_buffer(f"sparse_off_{g}", torch.tensor(
-                    [table_offset[spec.sparse[j].table_name] for j in cols]), persistent=False)
-        # per (dim group, pooling): which sequence features and their offsets
-        self.seq_groups: list[tuple[int, str]] = []
-        for g in range(len(self.dims)):
-            for pooling in ("mean", "sum", "max"):
-                cols = [j for j, s in enumerate(spec.sequences) if group_of[s.table_name] == g and s.pooling == pooling]
-                if cols:
-                    k = len(self.seq_groups)
-                    self.seq_groups.append((g, pooling))
-                    self.register_buffer(f"seq_cols_{k}", torch.tensor(cols), persistent=False)
-                    self.register_buffer(f"seq_off_{k}", torch.tensor(
-                        [table_offset[spec.sequences[j].table_name] for j in cols]), persistent=False)
-        self.out_dim = (sum(f.dim for f in spec.sparse) + sum(spec.tables[s.table_name].dim for s in spec.sequences)
-                        + len(spec.dense))
+        device = torch.device(device or "cpu")
+        pooled = [t.torchrec_config(init_std) for t in spec.tables.values() if t.pooling is not None]
+        self.bags = EmbeddingBagCollection(tables=pooled, device=device) if pooled else None
+        self.split_sizes = [len(spec.pooled_keys)]
+        self.seqs = nn.ModuleList()
+        self.seq_pooling: list[list[tuple[str, str]]] = []  # per EmbeddingCollection: (feature, pooling)
+        for dim in sorted({t.dim for t in spec.tables.values() if t.pooling is None}):
+            tables = [t for t in spec.tables.values() if t.pooling is None and t.dim == dim]
+            self.seqs.append(EmbeddingCollection(tables=[t.torchrec_config(init_std) for t in tables], device=device))
+            names = [n for t in tables for n in t.features]
+            self.seq_pooling.append([(n, spec.feature(n).pooling or "sum") for n in names])
+            self.split_sizes.append(len(names))
+        self.out_dim = sum(spec.tables[f.table_name].dim for f in spec.id_features) + len(spec.dense)
 
-    def forward(self, sparse: torch.Tensor, seq: torch.Tensor | None = None,
-                dense: torch.Tensor | None = None) -> torch.Tensor:
-        batch = sparse.shape[0]
-        parts = []
-        for g in self.sparse_groups:
-            idx = sparse[:, getattr(self, f"sparse_cols_{g}")] + getattr(self, f"sparse_off_{g}")
-            parts.append(F.embedding(idx, self.stacked[g].weight, sparse=self.stacked[g].sparse).reshape(batch, -1))
-        for k, (g, pooling) in enumerate(self.seq_groups):
-            ids = seq[:, getattr(self, f"seq_cols_{k}")]  # [B, S, L]
-            parts.append(self._pool(ids, getattr(self, f"seq_off_{k}"), self.stacked[g], pooling).reshape(batch, -1))
+    def forward(self, ids, dense: torch.Tensor | None = None) -> torch.Tensor:
+        groups = ids.split(self.split_sizes) if len(self.split_sizes) > 1 else [ids]
+        parts = [self.bags(groups[0]).values()] if self.bags is not None else []
+        for collection, pooling, group in zip(self.seqs, self.seq_pooling, groups[1:]):
+            looked_up = collection(group)
+            parts += [pool_jagged(looked_up[name].values(), looked_up[name].lengths(), how) for name, how in pooling]
         if dense is not None and dense.shape[-1] > 0:
             parts.append(dense)
         return torch.cat(parts, dim=1)
 
-    def use_sparse_grads(self, batch_size: int) -> list[nn.Parameter]:
-        """Sparse gradients for the weights with more rows than a batch looks up (the large id tables; a small
-        one is cheaper to update densely); returns those weights, for a sparse optimiser."""
-        for table, n in zip(self.stacked, self.ids_per_example):
-            table.sparse = table.num_embeddings > batch_size * n
-        return [t.weight for t in self.stacked if t.sparse]
 
-    @property
-    def weights(self) -> list[nn.Parameter]:
-        """The stacked table weights, one per embedding dim (``dims``)."""
-        return [t.weight for t in self.stacked]
-
-    @staticmethod
-    def _pool(ids: torch.Tensor, offsets: torch.Tensor, table: nn.Embedding, pooling: str) -> torch.Tensor:
-        batch, s, length = ids.shape
-        weight, sparse = table.weight, table.sparse
-        mask = ids != 0
-        idx = (ids + offsets[None, :, None]).reshape(batch * s, length)
-        if pooling == "max":
-            emb = F.embedding(idx, weight, sparse=sparse).masked_fill(~mask.reshape(batch * s, length, 1), -math.inf)
-            pooled = emb.max(dim=1).values
-            return torch.where(torch.isinf(pooled), torch.zeros_like(pooled), pooled).reshape(batch, s, -1)
-        w = mask.reshape(batch * s, length).to(weight.dtype)
-        if pooling == "mean":
-            w = w / w.sum(dim=1, keepdim=True).clamp(min=1)
-        # padded positions get weight 0, so an all-padding sequence pools to zeros
-        return F.embedding_bag(idx, weight, per_sample_weights=w, mode="sum", sparse=sparse).reshape(batch, s, -1)
+def pool_jagged(values: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool each row's run of ``values`` [N, D] (``lengths`` [B] long): [B, D]; an empty row pools to zeros."""
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), lengths)
+    reduce = {"max": "amax", "sum": "sum", "mean": "mean"}[pooling]
+    out = values.new_zeros(len(lengths), values.shape[1])
+    return out.scatter_reduce(0, rows[:, None].expand_as(values), values, reduce=reduce, include_self=False)
 
 
 class MLP(nn.Sequential):

@@ -13,7 +13,6 @@ import torch.distributed as dist
 from sklearn.metrics import log_loss, roc_auc_score
 
 from pipeline.config import DatasetSpec
-from pipeline.data import without_bad_rows
 
 PREDICTION_KEYS = ("prob", "cond_prob", "labels", "oracle")
 
@@ -77,22 +76,22 @@ def split_metrics(pred: dict[str, np.ndarray], spec: DatasetSpec,
 
 @torch.no_grad()
 def predict_shard(model: torch.nn.Module, batches, num_tasks: int, gates=None) -> dict[str, np.ndarray]:
-    """Run the model over one worker's shard of an evaluation split, keeping everything on the host."""
+    """Run the model over one worker's shard of an evaluation split, keeping everything on the host. A
+    batch's padding rows (``Collate``; an empty batch of a worker whose shard ran out) are left out."""
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in PREDICTION_KEYS}
     rows_read = 0
     for batch in batches:
-        rows_read += batch["labels"].shape[0]
-        if "keep" in batch:  # on_bad_rows: drop
-            batch = without_bad_rows(batch)
+        rows_read += batch["rows_read"]
+        n = batch["rows"]
         out = model(batch)
-        if gates is not None:
-            gates.update(model.last_gates)
-        chunks["prob"].append(out["prob"].float().cpu().numpy())
-        chunks["cond_prob"].append(out["cond_prob"].float().cpu().numpy())
-        chunks["labels"].append(batch["labels"].cpu().numpy())
+        if gates is not None and n:
+            gates.update({k: g[:n] for k, g in model.last_gates.items()})
+        chunks["prob"].append(out["prob"][:n].float().cpu().numpy())
+        chunks["cond_prob"].append(out["cond_prob"][:n].float().cpu().numpy())
+        chunks["labels"].append(batch["labels"][:n].cpu().numpy())
         if "oracle" in batch:
-            chunks["oracle"].append(batch["oracle"].cpu().numpy())
+            chunks["oracle"].append(batch["oracle"][:n].cpu().numpy())
     model.train()
     # a worker whose shard came up empty still sends correctly shaped (0, T) arrays
     out = {k: np.concatenate(v) if v else np.zeros((0, num_tasks), np.float32)

@@ -23,14 +23,16 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.join import Join
+
+import torch.distributed.checkpoint as dcp
 
 from pipeline.checkpoint import load_state, save_state
 from pipeline.config import ConfigError, DatasetSpec, JobConfig, TrainConfig, from_dict
-from pipeline.data import tensor_batches, without_bad_rows, zeros_batch
+from pipeline.data import Collate, tensor_batches, to_device
 from pipeline.diagnostics import GateStats, merge_states, summarize
 from pipeline.metrics import gather_to_rank0, predict_shard, split_metrics
 from pipeline.models import build_model
+from pipeline.sharding import dense_parameters, gathered_state, lockstep, shard
 from pipeline.weighting import LossWeighting
 
 
@@ -43,44 +45,43 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for split in ("valid", "test"):
         ray.train.get_dataset_shard(split)
     cfg = job.train
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     threads_per_step = loop_config["step_threads"]
     torch.set_num_threads(max(1, loop_config["torch_threads"] // threads_per_step))
-    torch.manual_seed(cfg.seed)  # same initial weights on every worker; DDP also broadcasts them
+    torch.manual_seed(cfg.seed)  # same initial dense weights on every worker; DDP also broadcasts them
     device = ray.train.torch.get_device()
     autocast = mixed_precision(cfg.precision, device)
 
     progress = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "stopped": False, "history": [], "resumes": 0}
-    state = None
     checkpoint = ray.train.get_checkpoint()
+    state = None
     if checkpoint is not None:  # a restarted worker group or a rerun with the same run name
         with checkpoint.as_directory() as d:
             state = load_state(d)
         progress = state["progress"] | {"resumes": state["progress"].get("resumes", 0) + 1}
-    epoch_batches = _started_epoch(train_shard, cfg, progress, device)  # its start-up overlaps the set-up below
+    epoch_batches = _started_epoch(train_shard, spec, cfg, progress, device)  # its start-up overlaps the set-up below
 
-    model = build_model(spec, job.model)
-    if cfg.compile:  # dynamic: the last, smaller batch and evaluation's batches reuse the compiled graph
-        model.task_logits = torch.compile(model.task_logits, dynamic=True)
-    weighting = LossWeighting(spec.task_names, cfg)
-    optimizers = build_optimizers(model, cfg, device, [weighting.log_var] if cfg.loss_weighting == "uncertainty" else [])
-    best_model = None
+    # the tables are sharded across the workers (built on "meta": each worker materialises only its shards)
+    model, plan = shard(build_model(spec, job.model, table_device="meta"), job.model.sharding, cfg.table_optimizer,
+                        cfg.table_lr, device, cfg.batch_size)
+    module = model.module  # the model itself, its tables sharded, without the DDP wrapper
+    if rank == 0:
+        print("embedding tables: " + "; ".join(f"{t} {p}" for t, p in plan.items()))
+    plan = {f"plan/{t}": p for t, p in plan.items()}  # recorded with every report
+    if cfg.compile:  # dynamic: evaluation's larger batches reuse the compiled graph
+        module.task_logits = torch.compile(module.task_logits, dynamic=True)
+    weighting = LossWeighting(spec.task_names, cfg).to(device)
+    optimizer = torch.optim.Adam(dense_parameters(model) + ([weighting.log_var] if cfg.loss_weighting == "uncertainty" else []),
+                                 lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    best_model = snapshot(model.state_dict())
     if state is not None:
-        model.load_state_dict(state["model"])
+        with checkpoint.as_directory() as d:
+            best_model = load_sharded(d, model, best_model)
         weighting.load_state_dict(state["weighting"])
-        for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
-        best_model = state["best_model"]
+        optimizer.load_state_dict(state["optimizer"])
         print(f"resumed from the checkpoint of epoch {progress['epoch'] - 1} (resume {progress['resumes']})")
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)  # DDP on >1 worker
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    module = model.module if ddp else model
-    if ddp:
-        _define_gradient_buckets(model, spec, device)
-    best_model = best_model or copy.deepcopy(module.state_dict())
-    weighting.to(device)
-    step = BatchStep(model, weighting, optimizers, lambda: mixed_precision(cfg.precision, device), threads_per_step)
+    step = BatchStep(model, weighting, optimizer, lambda: mixed_precision(cfg.precision, device), threads_per_step,
+                     empty=to_device(Collate(spec, cfg.batch_size).empty(), device))
 
     while progress["epoch"] < cfg.epochs and not progress["stopped"]:
         epoch = progress["epoch"]
@@ -89,102 +90,76 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss_sum = torch.zeros(len(spec.tasks) + 1, device=device)  # summed per row, synced once per epoch
         rows = torch.zeros(2, device=device)  # read, trained
         t0 = time.time()  # the loop asks for the epoch's first batch
-        # shards can differ by a batch or two (no rows are dropped to equalise them); Join lets a worker
-        # that runs out early shadow the others' all-reduces instead of hanging them
         first_batch_seconds, first_rows = None, 0
-        with (Join([model]) if ddp else nullcontext(),
-              freed_memory_kept() if cfg.keep_freed_memory else nullcontext()):
-            for batch in epoch_batches:
+        with freed_memory_kept() if cfg.keep_freed_memory else nullcontext():
+            for batch in lockstep(epoch_batches, step.empty):  # shards can differ by a batch or two
                 if first_batch_seconds is None:  # what is left of the data pipeline's start-up
-                    first_batch_seconds, first_rows = time.time() - t0, batch["labels"].shape[0]
-                rows[0] += batch["labels"].shape[0]
-                if "keep" in batch:  # on_bad_rows: drop
-                    batch = without_bad_rows(batch)
-                    if batch["labels"].shape[0] == 0:
-                        continue
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                loss, per_task = step(batch)  # forward and backward
-                weighting.sync_grads()
-                for optimizer in optimizers:
-                    optimizer.step()
-                n = batch["labels"].shape[0]
+                    first_batch_seconds, first_rows = time.time() - t0, batch["rows"]
+                loss, per_task = step(batch)  # forward, backward (the tables' update inside it), dense update
+                n = batch["rows"]
                 loss_sum += torch.cat([loss[None], per_task]) * n
-                rows[1] += n
+                rows += torch.tensor([batch["rows_read"], n], dtype=rows.dtype)
         train_seconds = time.time() - t0
-        worker_rows = torch.stack([rows[1], -rows[1]])  # the most and (negated) the fewest rows a worker trained
-        if dist.is_initialized():
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(rows)
-            dist.all_reduce(worker_rows, op=dist.ReduceOp.MAX)
-        rows_read, n_rows = rows.tolist()
-        steady_seconds = train_seconds - (first_batch_seconds or 0.0)
-        metrics = {"epoch": epoch, "train/rows_read": rows_read, "train/rows_trained": n_rows, "train/seconds": train_seconds,
-                   "train/samples_per_s": n_rows / max(train_seconds, 1e-9),
-                   "train/first_batch_seconds": first_batch_seconds or 0.0,
-                   # after the first batch (per worker, as rank 0 saw it): the steady state that the start-up hides
-                   "train/steady_samples_per_s": (n_rows - first_rows * ctx.get_world_size()) / max(steady_seconds, 1e-9),
-                   "train/step_threads": threads_per_step,
-                   "train/worker_rows_max": worker_rows[0].item(), "train/worker_rows_min": -worker_rows[1].item(),
-                   "train/loss": loss_sum[0].item() / max(n_rows, 1)}
-        metrics |= {f"train/{t}/loss": loss_sum[j + 1].item() / max(n_rows, 1) for j, t in enumerate(spec.task_names)}
-        metrics |= {f"train/{k}": v for k, v in weights_used.items()}
+        metrics = _train_metrics(spec, loss_sum, rows, train_seconds, first_batch_seconds, first_rows, epoch,
+                                 threads_per_step) | {f"train/{k}": v for k, v in weights_used.items()}
         metrics |= _evaluate(module, "valid", spec, cfg, autocast)  # rank 0 only; others get {}
 
         if rank == 0:
             score = metrics[f"valid/{cfg.early_stop_metric}"]
             if score > progress["best_score"]:  # NaN never counts as an improvement
                 progress |= {"best_score": score, "best_epoch": epoch}
-                best_model = copy.deepcopy(module.state_dict())
             progress["history"].append(metrics)
             progress["stopped"] = epoch - progress["best_epoch"] >= cfg.patience
         progress["epoch"] = epoch + 1
-        progress["stopped"] = _broadcast(progress["stopped"])
-        epoch_batches = _started_epoch(train_shard, cfg, progress, device)  # while the checkpoint is written
-        _report(metrics | {"best_epoch": progress["best_epoch"], "resumes": progress["resumes"]}, rank,
-                {"model": module.state_dict(), "optimizers": [o.state_dict() for o in optimizers], "best_model": best_model,
-                 "weighting": weighting.state_dict(), "progress": progress}, loop_config)
+        progress["stopped"], best_epoch = _broadcast((progress["stopped"], progress["best_epoch"]))
+        if best_epoch == epoch:  # every worker keeps its shards of the best epoch's model
+            best_model = snapshot(model.state_dict())
+        epoch_batches = _started_epoch(train_shard, spec, cfg, progress, device)  # while the checkpoint is written
+        _report(metrics | {"best_epoch": progress["best_epoch"], "resumes": progress["resumes"]} | plan, rank,
+                model, best_model, {"optimizer": optimizer.state_dict(), "weighting": weighting.state_dict(),
+                                    "progress": progress}, loop_config)
 
     # model selection on validation, then one evaluation on test. The final checkpoint keeps the last
-    # epoch's weights and optimisers in "model"/"optimizers" (a rerun with more epochs continues from
-    # them) and the selected weights in "best_model" (what inference loads).
-    last_model = copy.deepcopy(module.state_dict())
-    best_model = _broadcast(best_model)
-    module.load_state_dict(best_model)
-    final = {"epoch": progress["epoch"] - 1, "best_epoch": progress["best_epoch"], "resumes": progress["resumes"], "final": 1}
+    # epoch's weights and optimisers (a rerun with more epochs continues from them), the selected weights
+    # sharded as "best_model", and in state.pt the selected weights gathered into plain tensors
+    # ("best_model": what inference and export load, with no process group).
+    last_model = snapshot(model.state_dict())
+    model.load_state_dict(copy.copy(best_model))  # a copy: DistributedModelParallel prefixes the keys in place
+    final = {"epoch": progress["epoch"] - 1, "best_epoch": progress["best_epoch"], "resumes": progress["resumes"],
+             "final": 1} | plan
     final |= _evaluate(module, "valid", spec, cfg, autocast)
     final |= _evaluate(module, "test", spec, cfg, autocast)
+    plain = gathered_state(module.state_dict())
+    model.load_state_dict(last_model)  # (and leaves it prefixed: not used after this)
     step.close()
-    _report(final, rank, {"model": last_model, "optimizers": [o.state_dict() for o in optimizers], "best_model": best_model,
-                          "weighting": weighting.state_dict(), "progress": progress}, loop_config, final=True)
+    _report(final, rank, model, best_model, {"optimizer": optimizer.state_dict(), "weighting": weighting.state_dict(),
+                                             "progress": progress, "best_model": plain}, loop_config, final=True)
 
 
-# DDP (gloo on CPU, nccl on GPU) without its per-forward buffer sync. The models' buffers are constant index
-# tensors built from the spec, the same on every worker (tests/test_models.py), so there is nothing to sync;
-# under ``Join`` that sync is an all-reduce (which rank's buffers win) and a broadcast before every forward.
-# (Turning it off did not end issue 15's heap corruption in gloo's threads: docs/NOTES.md, "Ninth round".)
-DDP_OPTIONS = {"forward_sync_buffers": False}
-
-
-def build_optimizers(model: torch.nn.Module, cfg, device: torch.device, extra_params: list | tuple = ()
-                     ) -> list[torch.optim.Optimizer]:
-    """Fused Adam (one kernel over all parameters; 13x the per-tensor loop on CPU here) for the dense
-    parameters. On CPU the large embedding tables get sparse gradients and lazy Adam (``SparseAdam``: only
-    the rows a batch looked up, and their moments, move), as recsys trainers do for id tables: dense Adam
-    zero-fills and sweeps every row of every table each step, a quarter of a PLE step with 16-dim tables here
-    (docs/NOTES.md). On GPU the tables stay dense: DDP cannot all-reduce sparse gradients over NCCL, and the
-    sweep is cheap there. ``weight_decay`` applies to the dense parameters only."""
-    tables = model.front.use_sparse_grads(cfg.batch_size) if device.type == "cpu" else []
-    dense = [p for p in model.parameters() if all(p is not t for t in tables)] + list(extra_params)
-    optimizers = [torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)]
-    if tables:
-        optimizers.append(torch.optim.SparseAdam(tables, lr=cfg.lr))
-    return optimizers
+def _train_metrics(spec, loss_sum, rows, train_seconds, first_batch_seconds, first_rows, epoch, threads_per_step
+                   ) -> dict[str, float]:
+    worker_rows = torch.stack([rows[1], -rows[1]])  # the most and (negated) the fewest rows a worker trained
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(rows)
+        dist.all_reduce(worker_rows, op=dist.ReduceOp.MAX)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rows_read, n_rows = rows.tolist()
+    steady_seconds = train_seconds - (first_batch_seconds or 0.0)
+    metrics = {"epoch": epoch, "train/rows_read": rows_read, "train/rows_trained": n_rows, "train/seconds": train_seconds,
+               "train/samples_per_s": n_rows / max(train_seconds, 1e-9),
+               "train/first_batch_seconds": first_batch_seconds or 0.0,
+               # after the first batch (per worker, as rank 0 saw it): the steady state that the start-up hides
+               "train/steady_samples_per_s": (n_rows - first_rows * world) / max(steady_seconds, 1e-9),
+               "train/step_threads": threads_per_step,
+               "train/worker_rows_max": worker_rows[0].item(), "train/worker_rows_min": -worker_rows[1].item(),
+               "train/loss": loss_sum[0].item() / max(n_rows, 1)}
+    return metrics | {f"train/{t}/loss": loss_sum[j + 1].item() / max(n_rows, 1) for j, t in enumerate(spec.task_names)}
 
 
 def step_threads(cfg: TrainConfig, torch_threads: int, use_gpu: bool, num_workers: int) -> int:
     """The threads that share each training step (``train.step_threads``, 0: auto; see ``BatchStep``)."""
-    unsupported = [what for what, applies in (("several workers (DDP)", num_workers > 1), ("GPUs", use_gpu),
+    unsupported = [what for what, applies in (("several workers", num_workers > 1), ("GPUs", use_gpu),
                                               ("gradnorm weighting", cfg.loss_weighting == "gradnorm"),
                                               ("compile", cfg.compile)) if applies]
     if cfg.step_threads == 0:
@@ -196,60 +171,80 @@ def step_threads(cfg: TrainConfig, torch_threads: int, use_gpu: bool, num_worker
 
 
 class BatchStep:
-    """Forward and backward of one training batch; leaves the gradients in the parameters' ``.grad`` and returns
-    the batch's loss and per-task losses (detached).
+    """One training step on a batch: forward, backward (which also updates the embedding tables: their
+    optimizer is fused into it), then the dense optimizer's step. Returns the batch's loss and per-task
+    losses (detached), over its real rows: a batch's padding rows (``Collate``) are left out of the losses.
 
-    With one thread: the model on the whole batch, its ops parallel inside (OpenMP). With k threads: the batch's
-    rows in k ranges, each range's forward and backward in its own thread, and the k gradients summed in a fixed
-    order (so a run is as reproducible as with one thread). Each range's task losses are weighted by its share
-    of the rows they average over (``task_loss_rows``), so the sum is the whole batch's loss and gradient. A
-    PLE step is hundreds of small ops, each ending in an OpenMP barrier where a thread that another process
-    preempted stalls its partner; split, the threads meet once per step (docs/NOTES.md)."""
+    With one thread: the model on the whole batch, its ops parallel inside (OpenMP). With k threads (a lone
+    CPU worker): the embedding front once, on the whole batch; then everything after it on the batch's rows
+    in k ranges, each range's forward and backward in its own thread, their gradients summed in a fixed order
+    (so a run is as reproducible as with one thread), and the front's backward once with the ranges'
+    gradients of its output. Each range's task losses are weighted by its share of the rows they average over
+    (``task_loss_rows``), so the sum is the whole batch's loss and gradient. A PLE step is hundreds of small
+    ops, each ending in an OpenMP barrier where a thread that another process preempted stalls its partner;
+    split, the threads meet once per step (docs/NOTES.md)."""
 
-    def __init__(self, model: torch.nn.Module, weighting: LossWeighting, optimizers: list[torch.optim.Optimizer],
-                 autocast: Callable[[], Any], threads: int = 1) -> None:
-        self.model, self.weighting, self.autocast, self.threads = model, weighting, autocast, threads
-        self.module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        self.params = [p for o in optimizers for g in o.param_groups for p in g["params"] if p.requires_grad]
+    def __init__(self, model: torch.nn.Module, weighting: LossWeighting, optimizer: torch.optim.Optimizer,
+                 autocast: Callable[[], Any], threads: int = 1, empty: dict | None = None) -> None:
+        self.model, self.weighting, self.optimizer, self.autocast, self.threads = model, weighting, optimizer, autocast, threads
+        self.module = getattr(model, "module", model)  # DistributedModelParallel: the model itself
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="step") if threads > 1 else None
+        self.empty = empty  # a batch of empty rows: what a worker steps on once its shard has run out
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pool is None:
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, per_task = self._forward_backward(batch)
+        self.weighting.sync_grads()
+        self.optimizer.step()
+        return loss, per_task
+
+    def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        n, labels = batch["rows"], batch["labels"][:batch["rows"]]
+        if self.pool is None or n < 2:
             with self.autocast():
                 out = self.model(batch)
-                per_task = self.module.task_losses(out, batch["labels"])
-            self.weighting.gradnorm_step(per_task, self.module.shared_parameter())
-            loss = self.weighting(per_task) + self.module.regularizer(out, batch["labels"])
+                real = {k: v[:n] for k, v in out.items()}
+                per_task = self.module.task_losses(real, labels) if n else out["logits"].new_zeros(len(self.module.parents))
+            if n:
+                self.weighting.gradnorm_step(per_task, self.module.shared_parameter(real))
+                loss = self.weighting(per_task) + self.module.regularizer(real, labels)
+            else:  # an empty batch: no loss, but every parameter still takes part (DDP all-reduces zeros)
+                loss = out["logits"].sum() * 0.0
             loss.backward()
             return loss.detach(), per_task.detach()
-        n = batch["labels"].shape[0]
+        with self.autocast():
+            x = self.module.front(batch["ids"], batch.get("dense"))
+        features = x.detach().requires_grad_()
         k = min(self.threads, n)
         bounds = [n * i // k for i in range(k + 1)]
-        rows = self.module.task_loss_rows(batch["labels"]).clamp(min=1)
-        ranges = [self.pool.submit(self._part, batch, lo, hi, n, rows) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+        rows = self.module.task_loss_rows(labels).clamp(min=1)
+        ranges = [self.pool.submit(self._part, features, labels, lo, hi, n, rows) for lo, hi in zip(bounds[1:-1], bounds[2:])]
         try:
-            parts = [self._part(batch, bounds[0], bounds[1], n, rows)] + [r.result() for r in ranges]
+            parts = [self._part(features, labels, bounds[0], bounds[1], n, rows)] + [r.result() for r in ranges]
         finally:
             wait(ranges)  # no range still writing when a failure leaves the step
         for i, p in enumerate(self.params):
             grads = [part[2][i] for part in parts if part[2][i] is not None]
             grad = sum(grads[1:], grads[0]) if grads else None
-            if grad is not None and not grad.is_sparse and grad.stride() != p.stride():
+            if grad is not None and grad.stride() != p.stride():
                 # backward lays a gradient out as its parameter (fused Adam reads both as flat memory);
                 # autograd.grad does not: a weight used transposed gets a transposed gradient
                 grad = torch.empty_like(p).copy_(grad)
             p.grad = grad
+        grad_x = torch.cat([part[3] for part in parts] + [x.new_zeros(x.shape[0] - n, x.shape[1])])
+        x.backward(grad_x)  # the front's backward, once, on the whole batch: the tables' fused update
         return sum(part[0] for part in parts), sum(part[1] for part in parts)
 
-    def _part(self, batch: dict[str, torch.Tensor], lo: int, hi: int, n: int, rows: torch.Tensor) -> tuple:
-        part = {key: v[lo:hi] for key, v in batch.items()}
+    def _part(self, features: torch.Tensor, labels: torch.Tensor, lo: int, hi: int, n: int, rows: torch.Tensor) -> tuple:
+        x = features[lo:hi].detach().requires_grad_()
         with self.autocast():  # autocast's state is per thread
-            out = self.module(part)
-            per_task = self.module.task_losses(out, part["labels"]) * (self.module.task_loss_rows(part["labels"]) / rows)
+            out = self.module.heads_from(x)
+            per_task = self.module.task_losses(out, labels[lo:hi]) * (self.module.task_loss_rows(labels[lo:hi]) / rows)
         share = (hi - lo) / n
-        loss = self.weighting(per_task, share) + share * self.module.regularizer(out, part["labels"])
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        return loss.detach(), per_task.detach(), grads
+        loss = self.weighting(per_task, share) + share * self.module.regularizer(out, labels[lo:hi])
+        *grads, grad_x = torch.autograd.grad(loss, self.params + [x], allow_unused=True)
+        return loss.detach(), per_task.detach(), grads, grad_x
 
     def close(self) -> None:
         if self.pool is not None:
@@ -284,21 +279,7 @@ def freed_memory_kept() -> Iterator[None]:
         libc.malloc_trim(0)
 
 
-def _define_gradient_buckets(model: torch.nn.parallel.DistributedDataParallel, spec: DatasetSpec, device: torch.device
-                             ) -> None:
-    """Two zero-weighted backwards on every worker before training. A worker whose shard has no rows in an
-    epoch (a log of fewer files than workers; a shard of dropped rows only) trains no step in it, and on
-    leaving ``Join`` its hook shadows the other workers' all-reduces with zeros shaped like its gradient
-    buckets. DDP rebuilds its buckets once, at the second forward, and the bucket of a sparse table has no
-    gradient until a backward after that, so the hook failed there ("Expected a proper Tensor but got
-    None"). All gradients stay zero, and no optimiser steps on them."""
-    batch = {k: torch.from_numpy(v).to(device) for k, v in zeros_batch(spec, rows=2).items()}
-    for _ in range(2):
-        (model(batch)["logits"].sum() * 0).backward()
-    model.zero_grad(set_to_none=True)
-
-
-def _started_epoch(shard, cfg, progress: dict, device: torch.device) -> Iterator[dict[str, torch.Tensor]] | None:
+def _started_epoch(shard, spec: DatasetSpec, cfg, progress: dict, device: torch.device) -> Iterator[dict] | None:
     """The next epoch's training batches (None when training is over), the first one already requested in a
     background thread. The Data pipeline's start-up (~3 s on a 2-core machine: Train's split coordinator actor
     and the Data tasks' worker processes start and import Ray Data) then overlaps what the loop does before it
@@ -306,13 +287,13 @@ def _started_epoch(shard, cfg, progress: dict, device: torch.device) -> Iterator
     if progress["epoch"] >= cfg.epochs or progress["stopped"]:
         return None
     batches = iter(tensor_batches(
-        shard, cfg.batch_size, device, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+        shard, spec, cfg.batch_size, device, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
         local_shuffle_seed=cfg.seed + progress["epoch"], prefetch_batches=2))
     fetcher = ThreadPoolExecutor(1, thread_name_prefix="first-batch")
     first = fetcher.submit(next, batches, None)
     fetcher.shutdown(wait=False)
 
-    def epoch() -> Iterator[dict[str, torch.Tensor]]:
+    def epoch() -> Iterator[dict]:
         batch = first.result()  # re-raises what the fetch raised
         if batch is not None:
             yield batch
@@ -337,10 +318,13 @@ def mixed_precision(precision: str, device: torch.device):
 
 
 def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, cfg, autocast) -> dict[str, float]:
+    """Every worker predicts its shard of the split (in lockstep: the tables are sharded), rank 0 scores all
+    of the split's predictions at once."""
     shard = ray.train.get_dataset_shard(split)
     gates = GateStats()
     device = ray.train.torch.get_device()
-    batches = tensor_batches(shard, cfg.batch_size * 4, device)
+    empty = to_device(Collate(spec, cfg.batch_size * 4).empty(), device)
+    batches = lockstep(tensor_batches(shard, spec, cfg.batch_size * 4, device), empty)
     with autocast:
         local = predict_shard(module, batches, len(spec.tasks), gates)
     gathered = gather_to_rank0(local)
@@ -351,17 +335,54 @@ def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, cfg, autoc
     return {f"{split}/{k}": v for k, v in metrics.items()}
 
 
-def _report(metrics: dict, rank: int, state: dict, loop_config: dict, final: bool = False) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint (model, optimiser, best model, progress,
-    preprocessing state, config and code version) and a human-readable metrics.json."""
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
+def snapshot(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a (sharded) state dict: this worker's shards and the dense tensors, cloned."""
+    return copy.deepcopy(state)
+
+
+SHARDED_DIR = "sharded"  # a checkpoint's torch.distributed.checkpoint files: every worker writes its shards
+
+
+def sharded_state(model, best_model: dict[str, Any]) -> dict[str, Any]:
+    """What every worker writes to, and reads from, a checkpoint's DCP files: its shards of the model, of the
+    best model and of the tables' fused optimizer state. A worker that holds no table's optimizer state (all
+    its tables replicated, or placed on other workers) leaves that entry out: DCP would save an empty
+    container as an object under a key that no other worker has, and find it missing on load."""
+    state = {"model": model.state_dict(), "best_model": best_model}
+    tables = model.fused_optimizer.state_dict()
+    return state | ({"tables": tables} if tables.get("state") else {})
+
+
+def save_sharded(directory: str, model, best_model: dict[str, Any]) -> None:
+    dcp.save(sharded_state(model, best_model), checkpoint_id=str(Path(directory) / SHARDED_DIR))
+
+
+def load_sharded(directory: str, model, best_template: dict[str, Any]) -> dict[str, Any]:
+    """Restore the model, the tables' fused optimizer state and the best model from a checkpoint's DCP files,
+    resharded to this run's plan where it differs (DCP reads each shard's rows from whichever files hold
+    them). Returns the best model (sharded)."""
+    model.fused_optimizer.init_state()  # dcp.load fills existing state in place: without it the state is lost
+    state = sharded_state(model, best_template)
+    dcp.load(state, checkpoint_id=str(Path(directory) / SHARDED_DIR))
+    model.load_state_dict(state["model"])
+    if "tables" in state:
+        model.fused_optimizer.load_state_dict(state["tables"])
+    return state["best_model"]
+
+
+def _report(metrics: dict, rank: int, model, best_model: dict, state: dict, loop_config: dict, final: bool = False) -> None:
+    """Every worker reports its part of the checkpoint: its shards of the model, of the tables' optimizer
+    state and of the best model (torch.distributed.checkpoint, into one directory that Ray Train assembles
+    from every worker's). Rank 0 adds ``state.pt`` (dense optimizer, loss weighting, progress, preprocessing
+    state, config and code version; in the final one the best model gathered into plain tensors) and a
+    human-readable metrics.json."""
     with tempfile.TemporaryDirectory() as d:
-        save_state(d, {**state, "preprocessor": loop_config["preprocessor"], "job": loop_config["job"],
-                       "spec": loop_config["spec"], "code_version": loop_config["code_version"]})
-        summary = {"final": final, "metrics": metrics, "history": state["progress"]["history"]}
-        (Path(d) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+        save_sharded(d, model, best_model)
+        if rank == 0:
+            save_state(d, {**state, "preprocessor": loop_config["preprocessor"], "job": loop_config["job"],
+                           "spec": loop_config["spec"], "code_version": loop_config["code_version"]})
+            summary = {"final": final, "metrics": metrics, "history": state["progress"]["history"]}
+            (Path(d) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -371,4 +392,3 @@ def _broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import DatasetSpec
+from pipeline.features import as_floats, null_mask, type_kind  # noqa: F401  (as_floats re-exported)
 
 SPLITS = ("train", "valid", "test")
 BAD_ROW_POLICIES = ("fail", "drop")
@@ -135,31 +135,16 @@ def bad_row_masks(table: pa.Table, spec: DatasetSpec) -> list[tuple[str, str, st
             out.append((column, reason, message, mask))
 
     names = set(table.column_names)
-    for f in [*spec.sparse, *spec.sequences]:
-        if f.name not in names:
-            continue
-        col = table[f.name]
-        add(f.name, "null", "are null", _null_mask(col))
-        values = col.combine_chunks()
-        is_list = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
-        flat = pc.list_flatten(values) if is_list else values
-        if not pa.types.is_integer(flat.type):
-            continue
-        ids = flat.fill_null(0).to_numpy(zero_copy_only=False)
-        num_ids = spec.tables[f.table_name].num_ids
-        if num_ids is None:
-            reason, message, flat_bad = "negative_id", "have a negative id", ids < 0
-        else:
-            reason, message, flat_bad = "id_out_of_range", f"have an id outside [0, {num_ids})", (ids < 0) | (ids >= num_ids)
-        if is_list:  # a row is bad when any of its ids is
-            rows = pc.list_parent_indices(values).to_numpy()
-            flat_bad = np.bincount(rows[flat_bad], minlength=len(values)) > 0
-        add(f.name, reason, message, flat_bad)
+    features = {f.name: f for f in spec.features if f.name in names}
+    for f in spec.id_features:  # ids, then labels, then dense values: the order of the messages
+        if f.name in features:
+            for reason, message, mask in f.bad_rows(table[f.name], spec.tables[f.table_name]):
+                add(f.name, reason, message, mask)
     labels = {}
     for c in spec.label_columns:
         if c not in names:
             continue
-        add(c, "null", "are null", _null_mask(table[c]))
+        add(c, "null", "are null", null_mask(table[c]))
         labels[c] = as_floats(table[c])
         add(c, "not_binary", "have a label outside {0, 1}", (labels[c] != 0) & (labels[c] != 1) & ~np.isnan(labels[c]))
     for t in spec.tasks:
@@ -167,34 +152,17 @@ def bad_row_masks(table: pa.Table, spec: DatasetSpec) -> list[tuple[str, str, st
             child, parent = t.label_column, spec.task(t.depends_on).label_column
             add(child, "funnel", f"have {child}=1 but {parent}=0 (breaks the {parent} -> {child} funnel)",
                 (labels[child] == 1) & (labels[parent] != 1))
-    for d in spec.dense:
-        if d.name not in names:
-            continue
-        null = _null_mask(table[d.name])
-        add(d.name, "null", "are null", null)
-        v = as_floats(table[d.name])
-        add(d.name, "not_finite", "are NaN or infinite", ~np.isfinite(v) & ~null)
-        if d.normalize == "log_standard":
-            add(d.name, "negative", "are negative (normalize: log_standard needs >= 0)", v < 0)
+    for f in spec.dense:
+        if f.name in features:
+            for reason, message, mask in f.bad_rows(table[f.name]):
+                add(f.name, reason, message, mask)
     return out
-
-
-def _null_mask(column: pa.ChunkedArray) -> np.ndarray:
-    if column.null_count == 0:
-        return np.zeros(len(column), bool)
-    return column.is_null().to_numpy(zero_copy_only=False)
-
-
-def as_floats(column: pa.ChunkedArray) -> np.ndarray:
-    """A numeric or bool column as float64, nulls as NaN."""
-    return column.to_numpy().astype(np.float64) if column.null_count == 0 else \
-        column.cast(pa.float64()).fill_null(np.nan).to_numpy()
 
 
 def _suspect_id_columns(pf: pq.ParquetFile, spec: DatasetSpec) -> list[str]:
     """The id columns whose footer statistics cannot rule out nulls, negative or out-of-range ids (and
     every list column: its statistics describe the ids, not the rows)."""
-    features = {f.name: spec.tables[f.table_name].num_ids for f in [*spec.sparse, *spec.sequences]}
+    features = {f.name: spec.tables[f.table_name].num_ids for f in spec.id_features}
     clean = dict.fromkeys(features, True)
     md = pf.metadata
     for rg in range(md.num_row_groups):
@@ -216,30 +184,11 @@ def _suspect_id_columns(pf: pq.ParquetFile, spec: DatasetSpec) -> list[str]:
 
 
 def _schema_problems(schema: pa.Schema, spec: DatasetSpec):
-    def kind(t: pa.DataType) -> str:
-        if pa.types.is_integer(t):
-            return "int"
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
-            return "string"
-        if pa.types.is_floating(t):
-            return "float"
-        if pa.types.is_boolean(t):
-            return "bool"
-        if pa.types.is_list(t) or pa.types.is_large_list(t):
-            return "list<" + kind(t.value_type) + ">"
-        return str(t)
-
-    id_kinds = {"int", "string"}
-    expected = (
-        [(f.name, {"int"} if spec.tables[f.table_name].num_ids else id_kinds,
-          "an integer id" if spec.tables[f.table_name].num_ids else "an integer or string id") for f in spec.sparse]
-        + [(f.name, {"list<int>", "list<string>"}, "list<int64> (or list<string>)") for f in spec.sequences]
-        + [(f.name, {"int", "float"}, "numeric") for f in spec.dense]
-        + [(c, {"int", "bool", "float"}, "a 0/1 label") for c in spec.label_columns]
-        + [(c, {"float"}, "a probability") for c in spec.oracle.values()]
-    )
+    expected = ([(f.name, *f.accepted_types(spec.tables.get(getattr(f, "table_name", None)))) for f in spec.features]
+                + [(c, {"int", "bool", "float"}, "a 0/1 label") for c in spec.label_columns]
+                + [(c, {"float"}, "a probability") for c in spec.oracle.values()])
     for column, kinds, what in expected:
         if column not in schema.names:
             yield f"column {column!r}: missing (spec {spec.name!r} needs it)"
-        elif kind(schema.field(column).type) not in kinds:
+        elif type_kind(schema.field(column).type) not in kinds:
             yield f"column {column!r}: type {schema.field(column).type} is not {what}"

@@ -1,19 +1,25 @@
-"""Layers and models: fused lookup equals per-feature lookup, batched experts equal separate ones,
+"""Layers and models: the TorchRec front equals a per-feature lookup, batched experts equal separate ones,
 shapes, funnel constraint, gradients reach every expert, losses behave as documented."""
 from __future__ import annotations
 
 import contextlib
 import copy
+import socket
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.config import DatasetSpec, ModelConfig, TrainConfig, from_dict
+from pipeline.data import Collate
 from pipeline.layers import MLP, EmbeddingFront, Experts, Gate, Tower
 from pipeline.models import MODELS, build_model
 from pipeline.models.base import multitask_loss
-from pipeline.train import BatchStep, build_optimizers
+from pipeline.sharding import dense_parameters, gathered_state, shard
+from pipeline.train import BatchStep
 from pipeline.weighting import LossWeighting
 
 SPEC = {
@@ -34,55 +40,80 @@ def spec():
     return from_dict(DatasetSpec, SPEC)
 
 
+def make_rows(spec, n=64, seed=0) -> pa.Table:
+    """Preprocessed rows (``Preprocessor.transform``'s layout): ids, id lists of 0..5 ids (row 0: all empty),
+    dense values and funnel labels."""
+    g = np.random.default_rng(seed)
+    cols = {f.name: pa.array(g.integers(0, spec.tables[f.table_name].num_rows, n).astype(np.int32)) for f in spec.sparse}
+    for s in spec.sequences:
+        lengths = g.integers(0, 6, n)
+        lengths[0] = 0
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        ids = g.integers(1, spec.tables[s.table_name].num_rows, offsets[-1]).astype(np.int32)
+        cols[s.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))
+    cols |= {d.name: pa.array(g.normal(size=n).astype(np.float32)) for d in spec.dense}
+    click = (g.random(n) < 0.3).astype(np.float32)
+    return pa.table(cols | {"click": pa.array(click), "convert": pa.array(click * (g.random(n) < 0.5).astype(np.float32))})
+
+
 def make_batch(spec, n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sparse = torch.stack([torch.randint(0, spec.tables[f.table_name].num_rows, (n,), generator=g) for f in spec.sparse], 1)
-    seq = torch.stack([torch.randint(0, spec.tables[s.table_name].num_rows, (n, 5), generator=g) for s in spec.sequences], 1)
-    seq[0] = 0  # an all-padding row
-    seq[1, :, 3:] = 0
-    click = (torch.rand(n, generator=g) < 0.3).float()
-    convert = click * (torch.rand(n, generator=g) < 0.5).float()
-    return {"sparse": sparse, "seq": seq, "dense": torch.randn(n, 2, generator=g), "labels": torch.stack([click, convert], 1)}
+    return Collate(spec)(make_rows(spec, n, seed))
 
 
-def test_fused_lookup_equals_per_feature_lookup(spec):
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group, as a lone Ray Train worker has, for the sharded model; destroyed after."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def table_weight(front, name):
+    """An unsharded front's weight of one table."""
+    if front.bags is not None and name in front.bags.embedding_bags:
+        return front.bags.embedding_bags[name].weight
+    return next(m.embeddings[name].weight for m in front.seqs if name in m.embeddings)
+
+
+def test_front_equals_a_per_feature_lookup(spec):
     front = EmbeddingFront(spec)
-    batch = make_batch(spec)
-    out = front(batch["sparse"], batch["seq"], batch["dense"])
+    rows = make_rows(spec)
+    batch = Collate(spec)(rows)
+    out = front(batch["ids"], batch["dense"])
     assert out.shape == (64, front.out_dim) and front.out_dim == 8 + 8 + 4 + 8 + 4 + 8 + 2
-
-    def table(name):  # the rows of one table inside its dim group's stacked weight
-        dim = spec.tables[name].dim
-        g = front.dims.index(dim)
-        start = 0
-        for t in spec.tables.values():
-            if t.name == name:
-                return front.weights[g][start:start + t.num_rows]
-            if t.dim == dim:
-                start += t.num_rows
-
     expected = {}
-    for j, f in enumerate(spec.sparse):
-        expected[f.name] = table(f.table_name)[batch["sparse"][:, j]]
-    for j, s in enumerate(spec.sequences):
-        ids = batch["seq"][:, j]
-        emb, mask = table(s.table_name)[ids], (ids != 0).unsqueeze(-1).float()
-        if s.pooling == "max":
-            pooled = torch.where(mask.bool(), emb, torch.full_like(emb, -1e9)).max(1).values
-            pooled = torch.where(mask.any(1), pooled, torch.zeros_like(pooled))
-        else:
-            pooled = (emb * mask).sum(1) / (mask.sum(1).clamp(min=1) if s.pooling == "mean" else 1)
-        expected[s.name] = pooled
-    # groups are laid out by dim: the 4-dim group (hour) first, then the 8-dim group
-    order = ["hour", "user", "item_category", "hist_hour", "hist_category", "hist_user"]
-    ref = torch.cat([expected[k] for k in order] + [batch["dense"]], 1)
+    for f in spec.sparse:
+        expected[f.name] = table_weight(front, f.table_name)[torch.from_numpy(rows[f.name].to_numpy().astype(np.int64))]
+    for s in spec.sequences:
+        weight, lists = table_weight(front, s.table_name), rows[s.name].to_pylist()
+        pooled = []
+        for ids in lists:
+            emb = weight[torch.tensor(ids, dtype=torch.long)] if ids else weight.new_zeros(1, weight.shape[1])
+            pooled.append({"mean": emb.mean(0), "sum": emb.sum(0), "max": emb.max(0).values}[s.pooling] if ids else emb[0])
+        expected[s.name] = torch.stack(pooled)
+    # the pooled tables' features in table order, then the un-pooled (max-pooled) ones, then dense
+    ref = torch.cat([expected[k] for k in spec.id_keys] + [batch["dense"]], 1)
+    assert spec.id_keys == ["user", "hist_user", "item_category", "hist_category", "hour", "hist_hour"]
     torch.testing.assert_close(out, ref)
-    assert torch.all(out[0, 20:40] == 0)  # all-padding sequences pool to zeros
+    assert torch.all(out[0, 8:16] == 0) and torch.all(out[0, 24:32] == 0)  # empty id lists pool to zeros
 
 
 def test_shared_table_is_stored_once(spec):
     front = EmbeddingFront(spec)
     assert sum(p.numel() for p in front.parameters()) == (30 + 50) * 8 + 25 * 4
+
+
+def test_padding_rows_are_empty_and_counted(spec):
+    rows = make_rows(spec, n=10)
+    batch = Collate(spec, pad_to=16)(rows)
+    assert batch["rows"] == 10 and batch["rows_read"] == 10 and batch["labels"].shape == (16, 2)
+    assert batch["ids"].stride() == 16 and all(jt.lengths()[10:].sum() == 0 for jt in batch["ids"].to_dict().values())
+    assert torch.all(batch["dense"][10:] == 0)
+    empty = Collate(spec, pad_to=16).empty()
+    assert empty["rows"] == 0 and empty["ids"].values().numel() == 0 and empty["ids"].stride() == 16
 
 
 def test_batched_experts_equal_separate_experts():
@@ -120,8 +151,8 @@ def test_shapes_funnel_and_gradients(spec, cfg):
                    else [g.weight for g in [*model.task_gates, *model.shared_gates]])
     assert len(gate_params) == (1 if cfg.name == "mmoe" else 2 * cfg.num_levels - 1)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate_params)
-    used = batch["sparse"][:, 0].unique()
-    emb_grad = model.front.weights[model.front.dims.index(8)].grad
+    used = batch["ids"]["user"].values().unique()
+    emb_grad = table_weight(model.front, "user").grad
     assert torch.all(emb_grad[used].abs().sum(1) > 0)
     gates = next(iter(model.last_gates.values()))
     torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[:-1]))
@@ -197,7 +228,7 @@ def test_training_steps_reduce_loss(spec):
     torch.manual_seed(0)
     model = build_model(spec, ModelConfig(name="ple", expert_hidden=[16], tower_hidden=[8]))
     batch = make_batch(spec, n=256)
-    batch["labels"][:, 0] = (batch["sparse"][:, 2] % 2 == 0).float()  # learnable from the hour id
+    batch["labels"][:, 0] = (batch["ids"]["hour"].values() % 2 == 0).float()  # learnable from the hour id
     batch["labels"][:, 1] *= batch["labels"][:, 0]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     click_losses = []
@@ -211,40 +242,11 @@ def test_training_steps_reduce_loss(spec):
     assert click_losses[-1] < 0.3 * click_losses[0]
 
 
-def test_sparse_embedding_grads_match_dense_and_move_only_looked_up_rows(spec):
-    """On CPU, weights with more rows than a batch looks up get sparse gradients (equal to the dense ones)
-    and lazy Adam, which leaves the rows a batch did not look up as they were; on GPU all stay dense."""
-    cfg = TrainConfig(batch_size=5, lr=1e-2)  # dims [4, 8]: 25 rows vs 5 x 6 ids (dense), 80 vs 5 x 12 (sparse)
-    torch.manual_seed(0)
-    model = build_model(spec, ModelConfig(name="ple", expert_hidden=[16], tower_hidden=[8]))
-    dense_model = copy.deepcopy(model)
-    optimizers = build_optimizers(model, cfg, torch.device("cpu"))
-    assert [t.sparse for t in model.front.stacked] == [False, True]
-    assert [type(o) for o in optimizers] == [torch.optim.Adam, torch.optim.SparseAdam]
-    assert len(build_optimizers(copy.deepcopy(dense_model), cfg, torch.device("cuda"))) == 1
-
-    batch = make_batch(spec, n=5)
-    for m in (model, dense_model):
-        m.task_losses(m(batch), batch["labels"]).sum().backward()
-    table, dense_table = model.front.weights[1], dense_model.front.weights[1]
-    assert table.grad.is_sparse and not dense_table.grad.is_sparse
-    torch.testing.assert_close(table.grad.to_dense(), dense_table.grad)
-    torch.testing.assert_close(model.front.weights[0].grad, dense_model.front.weights[0].grad)
-
-    before = table.detach().clone()
-    for o in optimizers:
-        o.step()
-    moved = (table.detach() != before).any(dim=1)
-    looked_up = dense_table.grad.abs().sum(dim=1) > 0
-    assert moved.any() and (moved == looked_up).all()
-
-
 def test_compiled_task_logits_match_eager(spec):
     """train.compile: the experts, gates and towers compiled (dynamic shapes) compute what eager mode does, for
-    a training batch and a smaller one, with gradients into the sparse-gradient embedding tables intact."""
+    a training batch and a smaller one, with gradients into the embedding tables intact."""
     torch.manual_seed(0)
     model = build_model(spec, ModelConfig(name="ple", expert_hidden=[16], tower_hidden=[8]))
-    model.front.use_sparse_grads(4)
     compiled = copy.deepcopy(model)
     compiled.task_logits = torch.compile(compiled.task_logits, dynamic=True)
     for n in (64, 24):
@@ -253,7 +255,7 @@ def test_compiled_task_logits_match_eager(spec):
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
         for out in outs:
             out.sum().backward()
-        torch.testing.assert_close(compiled.front.weights[1].grad.to_dense(), model.front.weights[1].grad.to_dense(),
+        torch.testing.assert_close(table_weight(compiled.front, "category").grad, table_weight(model.front, "category").grad,
                                    rtol=1e-4, atol=1e-6)
         model.zero_grad(), compiled.zero_grad()
 
@@ -273,7 +275,7 @@ def test_ple_routing_equals_a_loop_over_tasks_and_experts(spec):
     cfg = ModelConfig(name="ple", num_levels=2, num_shared_experts=2, num_task_experts=1, expert_hidden=[16, 8])
     model = build_model(spec, cfg)
     batch = make_batch(spec)
-    x = model.front(batch["sparse"], batch["seq"], batch["dense"])
+    x = model.front(batch["ids"], batch["dense"])
     S, K, T = 2, 1, 2
 
     def expert(level, e, inp):  # expert e of a level alone, from the batched weights
@@ -312,40 +314,42 @@ def test_bf16_autocast_keeps_heads_and_parameters_fp32(spec):
         loss.backward()
         # bf16 probabilities (~3 significant digits) would tie predictions and coarsen AUC
         assert out["logits"].dtype == out["prob"].dtype == torch.float32, name
-        assert out["prob"][:, 0].unique().numel() > 250, name
+        assert out["prob"][:, 0].unique().numel() > 200, name  # bf16 near 0.5 would give a handful of values
         assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
                    for p in model.parameters()), name
 
 
 @pytest.mark.parametrize("model_name, dependent_loss, weighting", [
     ("ple", "esmm", "fixed"), ("mmoe", "masked", "fixed"), ("ple", "esmm", "uncertainty"), ("aitm", "esmm", "decay")])
-def test_a_step_split_across_threads_trains_as_the_whole_batch(spec, model_name, dependent_loss, weighting):
-    """BatchStep with 2 or 3 threads (uneven row ranges, sparse tables, masked losses, a regulariser, learned
-    weights) gives the gradients and losses of the whole batch in one thread, and after three optimiser steps
-    (fused Adam reads a gradient as flat memory: its layout must be its parameter's) the same weights."""
-    cfg = TrainConfig(batch_size=1, loss_weighting=weighting, loss_weight_decay={"convert": 0.5}, precision="fp32")
+def test_a_step_split_across_threads_trains_as_the_whole_batch(spec, one_rank_group, model_name, dependent_loss,
+                                                                weighting):
+    """BatchStep with 2 or 3 threads (uneven row ranges, padding rows, masked losses, a regulariser, learned
+    weights) gives the losses and dense gradients of the whole batch in one thread, and after three steps
+    (the tables' fused update inside the backward, fused Adam for the rest: it reads a gradient as flat
+    memory, so its layout must be its parameter's) the same weights, tables included."""
+    cfg = TrainConfig(loss_weighting=weighting, loss_weight_decay={"convert": 0.5}, precision="fp32")
     results = {}
     for threads in (1, 2, 3):
         torch.manual_seed(0)
-        model = build_model(spec, ModelConfig(name=model_name, num_experts=3, dependent_loss=dependent_loss))
+        model, _ = shard(build_model(spec, ModelConfig(name=model_name, num_experts=3, dependent_loss=dependent_loss),
+                                     table_device="meta"), "auto", "rowwise_adagrad", 0.05, torch.device("cpu"))
         weighting_ = LossWeighting(spec.task_names, cfg)
         weighting_.set_epoch(1)
         with torch.no_grad():
             weighting_.log_var.copy_(torch.tensor([0.3, -0.2]))
         extra = [weighting_.log_var] if weighting == "uncertainty" else []
-        optimizers = build_optimizers(model, cfg, torch.device("cpu"), extra)
-        assert isinstance(optimizers[-1], torch.optim.SparseAdam)  # batch_size 1: the tables take sparse gradients
-        step = BatchStep(model, weighting_, optimizers, contextlib.nullcontext, threads)
+        optimizer = torch.optim.Adam(dense_parameters(model) + extra, lr=cfg.lr, fused=True)
+        step = BatchStep(model, weighting_, optimizer, contextlib.nullcontext, threads)
         steps = []
         for seed in range(3):
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss, per_task = step(make_batch(spec, n=101, seed=seed))
-            steps.append((loss, per_task, [p.grad.to_dense() for o in optimizers for p in o.param_groups[0]["params"]]))
-            for optimizer in optimizers:
-                optimizer.step()
+            batch = Collate(spec, pad_to=128)(make_rows(spec, n=101, seed=seed))
+            optimizer.zero_grad(set_to_none=True)
+            loss, per_task = step._forward_backward(batch)
+            steps.append((loss, per_task, [p.grad.clone() for p in step.params]))
+            weighting_.sync_grads()
+            optimizer.step()
         step.close()
-        results[threads] = steps, [p.detach().clone() for p in [*model.parameters(), *extra]]
+        results[threads] = steps, gathered_state(model.state_dict()) | {"log_var": weighting_.log_var.detach().clone()}
     whole_steps, whole_weights = results[1]
     assert all(g.abs().sum() > 0 for g in whole_steps[0][2][:3])
     for threads in (2, 3):
@@ -355,18 +359,16 @@ def test_a_step_split_across_threads_trains_as_the_whole_batch(spec, model_name,
             torch.testing.assert_close(per_task, per_task_w)
             for g, g_whole in zip(grads, grads_w, strict=True):
                 torch.testing.assert_close(g, g_whole, rtol=1e-5, atol=1e-6)
-        for w, w_whole in zip(weights, whole_weights, strict=True):
-            torch.testing.assert_close(w, w_whole, rtol=1e-5, atol=1e-6)
+        assert weights.keys() == whole_weights.keys()
+        for key in weights:  # Adam divides by the root of a gradient's square: a rounding apart in a tiny gradient
+            torch.testing.assert_close(weights[key], whole_weights[key], rtol=1e-5, atol=1e-5)  # is ~1e-6 in a weight
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_buffers_are_constants_of_the_spec(spec, name):
-    """DDP runs without its per-forward buffer sync (``pipeline.train.DDP_OPTIONS``): every model's buffers
-    must be constants built from the spec, not state (no running statistics, nothing saved), the same on
-    every worker whatever its seed, and untouched by training steps."""
-    from pipeline.train import DDP_OPTIONS
-
-    assert DDP_OPTIONS["forward_sync_buffers"] is False
+def test_models_have_no_state_in_buffers(spec, name):
+    """DDP runs without its buffer sync (TorchRec's data-parallel wrapper: ``broadcast_buffers=False``):
+    every model's buffers must be constants built from the spec, not state (no running statistics, nothing
+    saved), the same on every worker whatever its seed, and untouched by training steps."""
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -377,11 +379,9 @@ def test_buffers_are_constants_of_the_spec(spec, name):
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
     model = models[0]
-    optimizers = build_optimizers(model, TrainConfig(), torch.device("cpu"))
-    step = BatchStep(model, LossWeighting(spec.task_names, TrainConfig()), optimizers, contextlib.nullcontext)
+    optimizer = torch.optim.Adam(model.parameters())
+    step = BatchStep(model, LossWeighting(spec.task_names, TrainConfig()), optimizer, contextlib.nullcontext)
     for seed in range(2):
         step(make_batch(spec, seed=seed))
-        for optimizer in optimizers:
-            optimizer.step()
     for key, value in model.named_buffers():
         torch.testing.assert_close(value, first[key], rtol=0, atol=0)

@@ -15,7 +15,8 @@ import torch
 
 from pipeline.config import from_dict, DatasetSpec
 import pipeline.data
-from pipeline.data import BackpressureBackoff, PermutedTransform, Preprocessor, build_datasets, read_split
+from pipeline.data import (KEEP, BackpressureBackoff, Collate, PermutedTransform, Preprocessor, build_datasets,
+                           read_split, tensor_batches)
 
 TINY = {
     "name": "tiny",
@@ -50,16 +51,22 @@ def test_fit_and_transform(tiny_ds):
                       "hist": [[1, 2, 3, 4], [], [9], [4, 1]], "x": [1.0, 3.5, 6, 0], "price": [0.0, 1, 10, 1e6],
                       "click": [1, 0, 0, 1]})
     out = pre.transform(batch)
-    assert out["sparse"][:, 0].tolist() == [1, 2, 0, 0]  # unseen / cut ids -> OOV row 0
-    assert out["sparse"][:, 1].tolist() == [1, 3, 0, 2]
-    assert out["sparse"][0, 2] == out["sparse"][1, 2]  # same raw id, same bucket
-    assert out["sparse"][:, 2].min() >= 1 and out["sparse"][:, 2].max() < 8
-    # the last max_len entries (most recent), right-padded with 0; unseen 9 -> 0 as well
-    assert out["seq"][:, 0].tolist() == [[1, 3, 4], [0, 0, 0], [0, 0, 0], [4, 2, 0]]
-    assert out["labels"].tolist() == [[1], [0], [0], [1]]
+    assert out["u"].to_pylist() == [1, 2, 0, 0]  # unseen / cut ids -> OOV row 0
+    assert out["s"].to_pylist() == [1, 3, 0, 2]
+    h = out["h"].to_pylist()
+    assert h[0] == h[1] and min(h) >= 1 and max(h) < 8  # same raw id, same bucket
+    # the last max_len entries (most recent), no padding; unseen 9 -> 0 as well
+    assert out["hist"].to_pylist() == [[1, 3, 4], [], [0], [4, 2]]
+    assert out["hist"].type == pa.list_(pa.int32()) and out["u"].type == pa.int32()
+    assert out["click"].to_pylist() == [1, 0, 0, 1]
     x = np.array([1.0, 2, 3, 4, 5, 6])
-    assert np.allclose(out["dense"][:, 0], (np.array([1.0, 3.5, 6, 0]) - x.mean()) / x.std(), atol=1e-5)
-    assert out["dense"].dtype == np.float32
+    assert np.allclose(out["x"].to_numpy(), (np.array([1.0, 3.5, 6, 0]) - x.mean()) / x.std(), atol=1e-5)
+    assert out["x"].type == pa.float32()
+    # a worker's batch: one KeyedJaggedTensor of every id feature, dense and label tensors
+    b = Collate(spec)(out)
+    assert b["ids"].keys() == spec.id_keys and b["ids"]["hist"].to_dense()[0].tolist() == [1, 3, 4]
+    assert b["ids"]["hist"].lengths().tolist() == [3, 0, 1, 2] and b["ids"]["u"].values().tolist() == [1, 2, 0, 0]
+    assert b["dense"].shape == (4, 2) and b["labels"].tolist() == [[1], [0], [0], [1]] and b["rows"] == 4
 
 
 def test_state_round_trips_through_weights_only_load(tiny_ds):
@@ -70,23 +77,24 @@ def test_state_round_trips_through_weights_only_load(tiny_ds):
     buf.seek(0)
     again = Preprocessor.from_state_dict(torch.load(buf, weights_only=True), spec)
     batch = pq.read_table(f"{tiny_ds}/valid/part-0.parquet")
-    a, b = pre.transform(batch), again.transform(batch)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert pre.transform(batch).equals(again.transform(batch))
 
 
 def test_synthetic_pipeline_batches(small_log, spec, ray_local):
     pre = Preprocessor.fit(read_split(str(small_log), "train", spec), spec)
     assert pre.train_rows == 60_000
     ds = build_datasets(str(small_log), spec, pre, splits=("train", "valid"))
-    batch = next(iter(ds["valid"].iter_torch_batches(batch_size=512)))
-    assert batch["sparse"].shape == (512, len(spec.sparse)) and batch["sparse"].dtype == torch.int32
-    assert batch["seq"].shape == (512, 1, 20)
+    batch = next(iter(tensor_batches(ds["valid"], spec, 512)))
+    ids = batch["ids"]
+    assert ids.keys() == spec.id_keys and ids.stride() == 512
+    assert ids["hist_category"].lengths().max() <= 20 and ids["user_id"].lengths().tolist() == [1] * 512
     assert batch["dense"].shape == (512, 3) and batch["labels"].shape == (512, 2)
     assert batch["oracle"].shape == (512, 2)
-    sizes = torch.tensor([spec.tables[f.table_name].num_rows for f in spec.sparse])
-    assert bool((batch["sparse"] < sizes).all()) and bool((batch["sparse"] >= 0).all())
-    assert "oracle" not in next(iter(ds["train"].iter_torch_batches(batch_size=8)))
-    assert sum(len(b["labels"]) for b in ds["train"].iter_batches(batch_size=4096, batch_format="numpy")) == 60_000
+    for key, jt in ids.to_dict().items():
+        rows = spec.tables[spec.feature(key).table_name].num_rows
+        assert bool((jt.values() < rows).all()) and bool((jt.values() >= 0).all())
+    assert "oracle" not in next(iter(tensor_batches(ds["train"], spec, 8)))
+    assert sum(b.num_rows for b in ds["train"].iter_batches(batch_size=4096, batch_format="pyarrow")) == 60_000
     # each split reads and preprocesses a file in one task (a batch size on map_batches breaks this fusion)
     for split in ("train", "valid"):
         assert re.search(r"Read\w*->MapBatches", ds[split].stats()), ds[split].stats()
@@ -104,10 +112,10 @@ def test_permuted_transform_shuffles_within_windows(tiny_ds):
     orders = []
     for _ in range(2):
         out = permute(batch)
-        order = np.rint(out["dense"][:, 0] * pre.dense_std[0] + pre.dense_mean[0]).astype(int)  # x is the row number
+        order = np.rint(out["x"].to_numpy() * pre.dense_std[0] + pre.dense_mean[0]).astype(int)  # x is the row number
         assert sorted(order.tolist()) == list(range(n))
         assert (order // window == np.arange(n) // window).all()
-        assert (out["labels"][:, 0] == order % 2).all()  # the arrays move together
+        assert (out["click"].to_numpy() == order % 2).all()  # the columns move together
         orders.append(order)
     assert not (orders[0] == orders[1]).all() and not (orders[0] == np.arange(n)).all()
 
@@ -124,11 +132,13 @@ def test_drop_policy_marks_bad_rows_and_fits_without_them(ray_local):
     assert pre.train_rows == 1  # only row 0 is clean
     assert pre.dense_mean[0] == pytest.approx(1.0)
     out = pre.transform(t)
-    assert out["keep"].tolist() == [True, False, False, False]
-    assert out["sparse"][:, 3].tolist() == [1, 4, 0, 3]  # pos i -> i + 1; row 2's 4 is out of range -> 0
-    assert out["sparse"].min() >= 0 and out["labels"].shape == (4, 1)
+    assert out[KEEP].to_pylist() == [True, False, False, False]
+    assert out["pos"].to_pylist() == [1, 4, 0, 3]  # pos i -> i + 1; row 2's 4 is out of range -> 0
+    assert min(out["u"].to_pylist()) >= 0 and out.num_rows == 4
+    batch = Collate(spec)(out)  # the worker leaves the bad rows out, and counts them as read
+    assert batch["rows"] == 1 and batch["rows_read"] == 4 and batch["ids"]["pos"].values().tolist() == [1]
     kept = Preprocessor.from_state_dict(pre.state_dict(), spec)  # fail policy: no keep column
-    assert "keep" not in kept.transform(t.slice(0, 1))
+    assert KEEP not in kept.transform(t.slice(0, 1)).column_names
 
 
 
@@ -145,8 +155,8 @@ def test_integer_vocabulary_lookup_paths_agree_with_a_dict():
         pre = Preprocessor(spec, {"u": pa.array(vocab)}, np.zeros(0, np.float32), np.ones(0, np.float32))
         queries = np.concatenate([vocab, rng.integers(-10**12, 10**12, 500), [vocab.min() - 1, vocab.max() + 1]])
         expected = [{int(v): i + 1 for i, v in enumerate(vocab)}.get(int(q), 0) for q in queries]
-        codes = pre.transform(pa.table({"u": queries, "click": np.zeros(len(queries), np.int64)}))["sparse"][:, 0]
-        assert codes.tolist() == expected
+        codes = pre.transform(pa.table({"u": queries, "click": np.zeros(len(queries), np.int64)}))["u"]
+        assert codes.to_pylist() == expected
 
 
 def test_backpressure_backoff_sleeps_only_after_a_step_without_progress(monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torchrec import KeyedJaggedTensor
 
 from pipeline.config import DatasetSpec, ModelConfig, TrainConfig, from_dict
 from pipeline.diagnostics import GateStats, summarize
@@ -24,7 +25,8 @@ def funnel_batch(n=128, seed=0):
     click = (torch.rand(n, generator=g) < 0.4).float()
     cart = click * (torch.rand(n, generator=g) < 0.5).float()
     purchase = cart * (torch.rand(n, generator=g) < 0.5).float()
-    return {"sparse": torch.stack([torch.randint(0, 30, (n,), generator=g), torch.randint(0, 40, (n,), generator=g)], 1),
+    ids = torch.cat([torch.randint(0, 30, (n,), generator=g), torch.randint(0, 40, (n,), generator=g)])
+    return {"ids": KeyedJaggedTensor(keys=["user", "item"], values=ids, lengths=torch.ones(2 * n, dtype=torch.int32)),
             "dense": torch.randn(n, 1, generator=g), "labels": torch.stack([click, cart, purchase], 1)}
 
 

@@ -17,7 +17,7 @@ MODELS: dict[str, type[MultiTaskModel]] = {
 }
 
 
-def build_model(spec: DatasetSpec, cfg: ModelConfig) -> MultiTaskModel:
+def build_model(spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> MultiTaskModel:
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; known: {sorted(MODELS)}")
     if cfg.embedding_dim is not None:  # one dim for every table: rebuild the spec's tables with it
@@ -25,4 +25,4 @@ def build_model(spec: DatasetSpec, cfg: ModelConfig) -> MultiTaskModel:
         for f in raw["sparse"] + raw["sequences"]:
             f["dim"] = cfg.embedding_dim
         spec = from_dict(DatasetSpec, raw)
-    return MODELS[cfg.name](spec, cfg)
+    return MODELS[cfg.name](spec, cfg, table_device)

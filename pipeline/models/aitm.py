@@ -33,8 +33,8 @@ class AIT(nn.Module):
 class AITM(MultiTaskModel):
     chains_probabilities = False
 
-    def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
-        super().__init__(spec, cfg)
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> None:
+        super().__init__(spec, cfg, table_device)
         self.bottoms = nn.ModuleList(MLP(self.front.out_dim, cfg.expert_hidden, cfg.dropout) for _ in spec.tasks)
         dim = self.bottoms[0].out_dim
         # only parents transfer and only children attend: no parameter without a gradient (DDP needs that)
@@ -53,6 +53,3 @@ class AITM(MultiTaskModel):
         prob = out["prob"]
         gaps = [F.relu(prob[:, j] - prob[:, p]).mean() for j, p in enumerate(self.parents) if p >= 0]
         return self.cfg.aitm_constraint_weight * torch.stack(gaps).sum() if gaps else prob.new_zeros(())
-
-    def shared_parameter(self) -> torch.Tensor:
-        return self.front.weights[-1]

@@ -31,11 +31,11 @@ class MultiTaskModel(nn.Module):
 
     chains_probabilities = True
 
-    def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> None:
         super().__init__()
         self.spec, self.cfg = spec, cfg
         self.parents = task_parents(spec)
-        self.front = EmbeddingFront(spec)
+        self.front = EmbeddingFront(spec, device=table_device)  # "meta": DistributedModelParallel materialises shards
         self.last_gates: dict[str, torch.Tensor] = {}  # gate weights [B, T, E] of the last batch, for diagnostics
 
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,8 +44,12 @@ class MultiTaskModel(nn.Module):
     def tower_hidden(self, task: str) -> list[int]:
         return self.cfg.towers.get(task, self.cfg.tower_hidden)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = self.front(batch["sparse"], batch.get("seq"), batch.get("dense"))
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.heads_from(self.front(batch["ids"], batch.get("dense")))
+
+    def heads_from(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything after the embedding front, from its output ``x`` [B, front.out_dim] (kept as
+        ``features``: the representation every task shares)."""
         logits = self.task_logits(x)
         log_head = F.logsigmoid(logits)
         if self.chains_probabilities:
@@ -59,7 +63,7 @@ class MultiTaskModel(nn.Module):
             parent_log = torch.stack([log_prob[:, p] if p >= 0 else torch.zeros_like(log_prob[:, j])
                                       for j, p in enumerate(self.parents)], dim=1)
             log_cond = (log_prob - parent_log).clamp(max=0.0)
-        return {"logits": logits, "cond_prob": log_cond.exp(), "prob": log_prob.exp(), "log_prob": log_prob}
+        return {"logits": logits, "cond_prob": log_cond.exp(), "prob": log_prob.exp(), "log_prob": log_prob, "features": x}
 
     def task_losses(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Unweighted binary cross-entropy per task, [T] (see ``per_task_losses``)."""
@@ -78,9 +82,10 @@ class MultiTaskModel(nn.Module):
         constraint); none by default."""
         return out["logits"].new_zeros(())
 
-    def shared_parameter(self) -> torch.Tensor:
-        """The last layer shared by all tasks: GradNorm balances the tasks' gradient norms on it."""
-        return self.front.weights[-1]
+    def shared_parameter(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What all tasks share, where GradNorm balances the tasks' gradient norms: by default the embedding
+        front's output (its tables are updated inside the backward, so their gradients never materialise)."""
+        return out["features"]
 
 
 def per_task_losses(out: dict[str, torch.Tensor], labels: torch.Tensor, parents: list[int], dependent_loss: str,

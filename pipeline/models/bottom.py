@@ -11,8 +11,8 @@ from pipeline.models.base import MultiTaskModel
 
 
 class SharedBottom(MultiTaskModel):
-    def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
-        super().__init__(spec, cfg)
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> None:
+        super().__init__(spec, cfg, table_device)
         self.bottom = MLP(self.front.out_dim, cfg.expert_hidden, cfg.dropout)
         self.towers = nn.ModuleList(Tower(self.bottom.out_dim, self.tower_hidden(t), cfg.dropout)
                                     for t in spec.task_names)
@@ -21,15 +21,15 @@ class SharedBottom(MultiTaskModel):
         shared = self.bottom(x)
         return torch.stack([tower(shared) for tower in self.towers], dim=1)
 
-    def shared_parameter(self) -> torch.Tensor:
-        return self.bottom[-2].weight if len(self.bottom) else self.front.weights[-1]
+    def shared_parameter(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.bottom[-2].weight if len(self.bottom) else out["features"]
 
 
 class SingleTask(MultiTaskModel):
     """One bottom per task (run as one batched op: an 'expert' per task), no sharing above the embeddings."""
 
-    def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
-        super().__init__(spec, cfg)
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> None:
+        super().__init__(spec, cfg, table_device)
         self.bottoms = Experts(self.front.out_dim, cfg.expert_hidden, len(spec.tasks), cfg.dropout)
         self.towers = nn.ModuleList(Tower(self.bottoms.out_dim, self.tower_hidden(t), cfg.dropout)
                                     for t in spec.task_names)

@@ -13,10 +13,10 @@ from pipeline.models.base import MultiTaskModel
 
 
 class ESMM(MultiTaskModel):
-    def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> None:
         if cfg.dependent_loss != "esmm":
             raise ValueError("ESMM trains dependent tasks over the exposure space: dependent_loss must be 'esmm'")
-        super().__init__(spec, cfg)
+        super().__init__(spec, cfg, table_device)
         self.towers = nn.ModuleList(Tower(self.front.out_dim, self.tower_hidden(t), cfg.dropout)
                                     for t in spec.task_names)
 

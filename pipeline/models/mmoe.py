@@ -13,8 +13,8 @@ from pipeline.models.base import MultiTaskModel
 class MMoE(MultiTaskModel):
     one_gate = False
 
-    def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
-        super().__init__(spec, cfg)
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> None:
+        super().__init__(spec, cfg, table_device)
         self.experts = Experts(self.front.out_dim, cfg.expert_hidden, cfg.num_experts, cfg.dropout)
         self.gates = Gate(self.front.out_dim, cfg.num_experts, num_gates=1 if self.one_gate else len(spec.tasks))
         self.towers = nn.ModuleList(Tower(self.experts.out_dim, self.tower_hidden(t), cfg.dropout)
@@ -27,7 +27,7 @@ class MMoE(MultiTaskModel):
         self.last_gates = {"experts": gates.detach()}
         return torch.stack([tower(mixed[:, j]) for j, tower in enumerate(self.towers)], dim=1)
 
-    def shared_parameter(self) -> torch.Tensor:
+    def shared_parameter(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.experts.weights[-1]
 
 

@@ -14,8 +14,8 @@ from pipeline.models.base import MultiTaskModel
 
 
 class PLE(MultiTaskModel):
-    def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
-        super().__init__(spec, cfg)
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> None:
+        super().__init__(spec, cfg, table_device)
         T, S, K = len(spec.tasks), cfg.num_shared_experts, cfg.num_task_experts
         # experts are laid out [shared 0..S-1 | task 0's K | task 1's K | ...]; task t's gate covers its own K
         # experts then the S shared ones. Routing is a fixed 0/1 matrix (gate slot -> expert) rather than
