@@ -135,12 +135,12 @@ def memory(ids: int, steps: int) -> list[dict]:
     return out
 
 
-def job_samples_per_s(tree: Path, out: Path, name: str) -> dict:
-    """The default job (2 workers) run from ``tree``: its epoch's samples/s from metrics.json."""
+def job_samples_per_s(tree: Path, out: Path, name: str, *flags: str) -> dict:
+    """The default job (2 workers) run from ``tree``: its epoch's samples/s and test AUCs from metrics.json."""
     run_out = out / name
     shutil.rmtree(run_out, ignore_errors=True)
     cmd = [sys.executable, str(tree / "jobs" / "train_ple.py"), "--name", name, "--output", str(run_out / "run"),
-           "--storage-path", str(run_out / "ray_results")]
+           "--storage-path", str(run_out / "ray_results"), *flags]
     done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=_env(tree))
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -182,6 +182,22 @@ def speed(baseline: str, repeats: int, out: Path) -> list[dict]:
     return rows
 
 
+def quality(seeds: list[int], out: Path) -> list[dict]:
+    """The default job's test AUCs with every table row-wise, table-wise and replicated, over ``seeds``."""
+    runs = {k: [job_samples_per_s(ROOT, out, f"{k}-seed{seed}", "--sharding", k, "--seed", str(seed)) for seed in seeds]
+            for k in ("data_parallel", "row_wise", "table_wise")}
+    rows = []
+    for kind, rs in runs.items():
+        row = {"sharding": kind}
+        for task in ("click", "convert"):
+            aucs = [r["test_auc"][task] for r in rs]
+            ref = sum(r["test_auc"][task] for r in runs["data_parallel"]) / len(seeds)
+            row |= {f"test AUC {task} (seeds {seeds})": " / ".join(f"{a:.4f}" for a in aucs),
+                    f"{task}: mean - replicated mean (points)": 100 * (sum(aucs) / len(aucs) - ref)}
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ids", type=int, default=10_000_000, help="rows of the large (user_id) table")
@@ -189,10 +205,19 @@ def main() -> None:
     p.add_argument("--baseline", default=BASELINE, help="the commit of the previous engine")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--quality", type=int, nargs="*", metavar="SEED",
+                   help="instead: the default job's test AUCs, row-wise / table-wise / replicated, over these seeds")
     p.add_argument("--out", default="outputs/bench/sharding")
     a = p.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if a.quality:
+        write_result("sharding_quality", "Sharded embedding tables: test AUC by sharding type, default job", quality(a.quality, out),
+                     [f"the default job (`python jobs/train_ple.py`: PLE, 2 workers, the 1M-row default log) with "
+                      f"`--sharding` row_wise, table_wise and data_parallel (every table replicated), seeds {a.quality}; "
+                      "the differences are in AUC points (0.01 AUC = 1 point)"],
+                     "python bench/sharding.py " + " ".join(sys.argv[1:]))
+        return
     rows = memory(a.ids, a.steps)
     notes = [f"memory: the default spec with a {a.ids:,}-row user_id table (dim 8), PLE, batch 2048, {a.steps} steps per "
              "worker on gloo processes (no Ray); tables + optimizer state = the embedding weights a worker holds and "
