@@ -32,6 +32,9 @@ class EmbeddingFront(nn.Module):
         device = torch.device(device or "cpu")
         pooled = [t.torchrec_config(init_std) for t in spec.tables.values() if t.pooling is not None]
         self.bags = EmbeddingBagCollection(tables=pooled, device=device) if pooled else None
+        # the pooled features' order in the output: the unsharded collection's. A sharded one returns its
+        # features grouped by the shards that pooled them, an order that changes with the plan.
+        self.bag_keys = [n for c in pooled for n in c.feature_names]
         self.split_sizes = [len(spec.pooled_keys)]
         self.seqs = nn.ModuleList()
         self.seq_pooling: list[list[tuple[str, str]]] = []  # per EmbeddingCollection: (feature, pooling)
@@ -45,13 +48,20 @@ class EmbeddingFront(nn.Module):
 
     def forward(self, ids, dense: torch.Tensor | None = None) -> torch.Tensor:
         groups = ids.split(self.split_sizes) if len(self.split_sizes) > 1 else [ids]
-        parts = [self.bags(groups[0]).values()] if self.bags is not None else []
+        parts = [self._in_order(self.bags(groups[0]))] if self.bags is not None else []
         for collection, pooling, group in zip(self.seqs, self.seq_pooling, groups[1:]):
             looked_up = collection(group)
             parts += [pool_jagged(looked_up[name].values(), looked_up[name].lengths(), how) for name, how in pooling]
         if dense is not None and dense.shape[-1] > 0:
             parts.append(dense)
         return torch.cat(parts, dim=1)
+
+    def _in_order(self, pooled) -> torch.Tensor:
+        if pooled.keys() == self.bag_keys:
+            return pooled.values()
+        from torchrec import KeyedTensor
+
+        return KeyedTensor.regroup([pooled], [self.bag_keys])[0]
 
 
 def pool_jagged(values: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:

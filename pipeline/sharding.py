@@ -75,7 +75,8 @@ def quiet() -> None:
     for name in ("fbgemm_gpu", "torchrec"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # "is_fx_tracing will return true ..."
-    noise = ("Sharding spec not found for", "caching params will be ignored")  # a replicated table has no shards
+    # a replicated table has no shards; FBGEMM logs each kernel's arguments on the root logger, "[TBE=<uuid>] ..."
+    noise = ("Sharding spec not found for", "caching params will be ignored", "[TBE=")
     for logger in (logging.getLogger(), logging.getLogger("torchrec.distributed.utils")):
         logger.addFilter(lambda record: not any(n in record.getMessage() for n in noise))
     for message in ("Please use DTensor instead", "`broadcast_buffers` is deprecated", "`torch.distributed.reduce_scatter_tensor`",

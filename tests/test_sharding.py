@@ -126,3 +126,58 @@ def test_a_checkpoint_reshards_onto_another_number_of_workers(tmp_path):
     assert saved["model"].keys() == loaded["model"].keys()
     for key, value in saved["model"].items():
         assert torch.equal(loaded["model"][key], value), key
+
+
+def _gradients(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    spec, cfg = from_dict(DatasetSpec, SPEC), ModelConfig(name="mmoe", num_experts=2)
+    batches = [Collate(spec, 32)(make_rows(spec, 32, seed=r)) for r in range(world)]
+    result = {}
+    for sharding in ("table_wise", "row_wise", "column_wise", "data_parallel"):
+        torch.manual_seed(0)  # sgd with lr 1 fused into the backward: a sharded table's update is minus its gradient
+        model, _ = shard(build_model(spec, cfg, table_device="meta"), sharding, "sgd", 1.0, torch.device("cpu"), 32)
+        before = gathered_state(model.state_dict())
+        outputs = model(batches[rank])
+        model.module.task_losses(outputs, batches[rank]["labels"]).sum().backward()
+        after = gathered_state(model.state_dict())
+        features = [None] * world
+        dist.all_gather_object(features, outputs["features"].detach())
+        grads = {name: p.grad for name, p in model.named_parameters() if "front." in name and p.grad is not None}
+        replicated = [None] * world
+        dist.all_gather_object(replicated, {n: g.clone() for n, g in grads.items()})
+        if rank == 0:
+            # the reference: the same weights in the unsharded model, each worker's batch's gradient
+            reference = build_model(spec, cfg)
+            reference.load_state_dict(before)
+            per_batch, same_features = [], []
+            for b, f in zip(batches, features):
+                reference.zero_grad()
+                ref = reference(b)
+                reference.task_losses(ref, b["labels"]).sum().backward()
+                per_batch.append({n: p.grad.clone() for n, p in reference.named_parameters() if n.startswith("front.")})
+                same_features.append(torch.allclose(ref["features"], f, atol=1e-6))
+            result[sharding] = {"before": before, "after": after, "replicated": replicated[0], "per_batch": per_batch,
+                                "same_features": same_features}
+        dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        torch.save(result, out)
+
+
+def test_every_sharding_type_computes_the_unsharded_models_gradients():
+    """Against the unsharded model on the same (gathered) weights, which evaluation and export use: the same
+    features for every worker's batch, whatever the plan (a sharded collection returns its features grouped by
+    shard; the front puts them back in order), and the same gradients. A sharded table's update with sgd, lr 1,
+    is minus the mean of the workers' batch gradients; a replicated table's gradient (DDP) is that mean."""
+    result = _spawn(_gradients, 2, _free_port())
+    for sharding, r in result.items():
+        assert all(r["same_features"]), sharding
+        for key, per in r["per_batch"][0].items():
+            mean = (per + r["per_batch"][1][key]) / 2
+            replicated = [g for name, g in r["replicated"].items() if name.endswith(key)]
+            if replicated:  # a data-parallel table: the weights wait for the dense optimizer
+                assert torch.allclose(replicated[0], mean, atol=1e-6), (sharding, key)
+                assert torch.equal(r["after"][key], r["before"][key]), (sharding, key)
+            else:
+                assert torch.allclose(r["after"][key] - r["before"][key], -mean, atol=1e-6), (sharding, key)
+            assert mean.abs().sum() > 0, (sharding, key)
