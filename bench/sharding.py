@@ -156,28 +156,47 @@ def _env(tree: Path) -> dict:
     return os.environ | {"PYTHONPATH": str(tree)}  # the tree's own pipeline package, not the installed one
 
 
-def speed(baseline: str, repeats: int, out: Path) -> list[dict]:
+def large_table_spec(out: Path, ids: int) -> Path:
+    """The default spec with item_id hashed into ``ids`` rows: the default log, read with a table that size."""
+    text = SPEC_PATH.read_text()
+    old = "{name: item_id, hash_buckets: 262144, dim: 8}"
+    assert old in text, f"{SPEC_PATH} no longer has {old}"
+    path = out / f"item_id_{ids}.yaml"
+    path.write_text(text.replace(old, f"{{name: item_id, hash_buckets: {ids}, dim: 8}}"))
+    return path
+
+
+def speed(baseline: str, repeats: int, out: Path, ids: int) -> list[dict]:
     worktree = out / "baseline-tree"
     subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, capture_output=True)
     subprocess.run(["git", "worktree", "add", "--detach", str(worktree), baseline], cwd=ROOT, check=True,
                    capture_output=True)
+    configs = {"default log": [], f"item_id table {ids:,} rows": ["--spec", str(large_table_spec(out, ids))]}
+    rows = []
     try:
-        runs = {"sharded": [], "replicated": []}
-        for r in range(repeats):  # paired, in alternation: the machine's speed drifts
-            runs["replicated"].append(job_samples_per_s(worktree, out, f"replicated-{r}"))
-            runs["sharded"].append(job_samples_per_s(ROOT, out, f"sharded-{r}"))
+        for config, flags in configs.items():
+            runs = {"sharded": [], "replicated": []}
+            for r in range(repeats):  # paired, in alternation: the machine's speed drifts
+                tag = f"{r}-{len(rows)}"
+                runs["replicated"].append(job_samples_per_s(worktree, out, f"replicated-{tag}", *flags))
+                runs["sharded"].append(job_samples_per_s(ROOT, out, f"sharded-{tag}", *flags))
+            rows += _speed_rows(config, baseline, runs)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, capture_output=True)
+    return rows
+
+
+def _speed_rows(config: str, baseline: str, runs: dict) -> list[dict]:
     ratios = [s["samples_per_s"] / p["samples_per_s"] for s, p in zip(runs["sharded"], runs["replicated"])]
     rows = []
     for kind, label in (("replicated", f"replicated, DDP with sparse gradients ({baseline})"),
                         ("sharded", "sharded, TorchRec (auto plan)")):
         rs = runs[kind]
-        rows.append({"engine": label, "samples/s (epoch)": median(r["samples_per_s"] for r in rs),
+        rows.append({"config": config, "engine": label, "samples/s (epoch)": median(r["samples_per_s"] for r in rs),
                      "samples/s (after the first batch)": median(r["steady"] for r in rs),
                      "test AUC click": median(r["test_auc"]["click"] for r in rs),
                      "test AUC convert": median(r["test_auc"]["convert"] for r in rs)})
-    rows.append({"engine": "sharded / replicated", "samples/s (epoch)": median(ratios),
+    rows.append({"config": config, "engine": "sharded / replicated", "samples/s (epoch)": median(ratios),
                  "samples/s (after the first batch)": f"pairs {min(ratios):.3f}-{max(ratios):.3f}"})
     return rows
 
@@ -226,10 +245,11 @@ def main() -> None:
     for r in rows:
         r.pop("_bytes")
     if not a.skip_speed:
-        rows += speed(a.baseline, a.repeats, out)
+        rows += speed(a.baseline, a.repeats, out, a.ids)
         notes.append(f"speed: the default job (`python jobs/train_ple.py`: PLE, 2 workers, the 1M-row default log), from "
                      f"this tree and from {a.baseline} (every table on every worker, DDP with sparse gradients and lazy "
-                     f"Adam), {a.repeats} pairs in alternation; medians, and the range of the pairs' ratios")
+                     f"Adam), {a.repeats} pairs in alternation; medians, and the range of the pairs' ratios; then the same "
+                     f"with the default log read through a spec whose item_id is hashed into {a.ids:,} rows")
     write_result("sharding", "Sharded embedding tables: memory per worker and samples/s vs replicated", rows, notes,
                  "python bench/sharding.py " + " ".join(sys.argv[1:]))
 
