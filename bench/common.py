@@ -89,7 +89,7 @@ def padded_arrays(rows: pa.Table, spec: DatasetSpec) -> dict[str, np.ndarray]:
     (right-padded with 0, the out-of-vocabulary row), dense [N, D] and labels [N, T]."""
     out = {"sparse": np.stack([rows[f.name].to_numpy() for f in spec.sparse], 1).astype(np.int64)}
     for s in spec.sequences:
-        lists = rows[s.name]
+        lists = rows[s.name].combine_chunks()
         offsets, values = lists.offsets.to_numpy(), lists.values.to_numpy()
         lengths = np.diff(offsets)
         padded = np.zeros((len(lists), s.max_len), np.int64)

@@ -1,10 +1,13 @@
-"""Training throughput against a peer library: our pipeline vs torch-rechub's PLE and MMoE at the same
-config (experts, towers, embedding dims, batch size, optimiser, data), measured side by side in one run.
+"""Training throughput against the peer libraries: our pipeline vs torch-rechub's and DeepCTR-Torch's PLE
+and MMoE at the same config (experts, towers, embedding dims, batch size, optimiser, data), measured side by
+side in one run, on two logs: the default synthetic log (large id tables) and UCI Adult (small tables, which
+suit the peers' dense optimisers best), its train split tiled to ``--adult-rows`` rows so that an epoch is
+long enough to time.
 
 Ours: the full pipeline (Ray Data streaming the Parquet log -> preprocessing -> Ray Train, 1 worker), and
-the same model in a tight in-memory loop. torch-rechub: its own model classes and ``MTLTrainer`` (the way
-its examples train) over the same rows, preprocessed by our preprocessing and held in memory (its
-DataLoader's native input), i.e. without any of the reading our pipeline pays for.
+the same model in a tight in-memory loop. The peers: their own model classes, trained the way their examples
+train (torch-rechub's ``MTLTrainer``, DeepCTR-Torch's ``fit``) over the same rows, preprocessed by our
+preprocessing and held in memory (their native input), i.e. without any of the reading our pipeline pays for.
 
     pip install -e ".[bench]"
     python bench/peer.py                        # -> bench/results/peer.md
@@ -12,24 +15,28 @@ DataLoader's native input), i.e. without any of the reading our pipeline pays fo
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from common import padded_arrays, preprocessed_rows, tight_loop, without_ray, write_result
 from throughput import pipeline_samples_per_s
 
+from pipeline import adult
 from pipeline.config import DataPaths, DatasetSpec, JobConfig, ModelConfig, TrainConfig
 from pipeline.job import connect_ray, default_synthetic_data, fit_or_load_preprocessor
 from pipeline.synthetic import SPEC_PATH
 from pipeline.train import uses_bf16
 
 
-# torch-rechub concatenates its sparse embeddings along a feature axis, so every table gets one dim; ours
-# take the same (ModelConfig.embedding_dim)
+# the peers concatenate their sparse embeddings along a feature axis, so every table gets one dim; ours take
+# the same (ModelConfig.embedding_dim)
 DIM = 16
 
 
@@ -86,55 +93,128 @@ def rechub_samples_per_s(name: str, spec: DatasetSpec, tensors: dict[str, np.nda
         return len(y) / (time.perf_counter() - t0)
 
 
+def deepctr_inputs(spec: DatasetSpec, rows):
+    """DeepCTR-Torch feature columns and its x dict / y array for the same preprocessed rows (a shared table is
+    one ``embedding_name``; an id list is padded with 0, which its mean pooling masks)."""
+    from deepctr_torch.inputs import DenseFeat, SparseFeat, VarLenSparseFeat
+
+    tensors = padded_arrays(rows, spec)
+    features, x = [], {}
+    for j, f in enumerate(spec.sparse):
+        table = spec.tables[f.table_name]
+        features.append(SparseFeat(f.name, table.num_rows, embedding_dim=DIM, embedding_name=table.name))
+        x[f.name] = tensors["sparse"][:, j]
+    for s in spec.sequences:
+        table = spec.tables[s.table_name]
+        features.append(VarLenSparseFeat(SparseFeat(s.name, table.num_rows, embedding_dim=DIM, embedding_name=table.name),
+                                         maxlen=s.max_len, combiner=s.pooling))
+        x[s.name] = tensors[f"seq:{s.name}"]
+    for j, d in enumerate(spec.dense):
+        features.append(DenseFeat(d.name, 1))
+        x[d.name] = tensors["dense"][:, j]
+    return features, x, tensors["labels"]
+
+
+def deepctr_samples_per_s(name: str, spec: DatasetSpec, tensors, batch_size: int, lr: float) -> float:
+    from deepctr_torch.models.multitask import MMOE, PLE
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    features, x, y = deepctr_inputs(spec, tensors)
+    cfg, tasks = ModelConfig(name=name, embedding_dim=DIM), y.shape[1]
+    # linear gates and no L2 terms, as ours (its defaults: a 64-unit gate MLP, L2 on every embedding table)
+    common = dict(expert_dnn_hidden_units=tuple(cfg.expert_hidden), gate_dnn_hidden_units=(),
+                  tower_dnn_hidden_units=tuple(cfg.tower_hidden), l2_reg_linear=0, l2_reg_embedding=0, l2_reg_dnn=0,
+                  task_types=("binary",) * tasks, task_names=tuple(spec.task_names), device="cpu")
+    if name == "ple":
+        model = PLE(features, shared_expert_num=cfg.num_shared_experts, specific_expert_num=cfg.num_task_experts,
+                    num_levels=cfg.num_levels, **common)
+    else:
+        model = MMOE(features, num_experts=cfg.num_experts, **common)
+    model.compile(torch.optim.Adam(model.parameters(), lr=lr), loss=["binary_crossentropy"] * tasks)
+    t0 = time.perf_counter()
+    model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
+    return len(y) / (time.perf_counter() - t0)
+
+
+PEERS = {"torch-rechub 0.9.0 MTLTrainer": rechub_samples_per_s, "DeepCTR-Torch 0.3.0 fit": deepctr_samples_per_s}
+
+
+def tiled_adult(out: Path, rows: int) -> Path:
+    """UCI Adult's splits (``pipeline.adult``), the train split's file repeated to at least ``rows`` rows."""
+    import pyarrow.parquet as pq
+
+    base, tiled = out / "adult", out / "adult-tiled"
+    adult.prepare_adult(base)
+    shutil.rmtree(tiled, ignore_errors=True)
+    (tiled / "train").mkdir(parents=True)
+    train = sorted((base / "train").glob("*.parquet"))
+    n = sum(pq.ParquetFile(f).metadata.num_rows for f in train)
+    for k in range(math.ceil(rows / n)):
+        for f in train:
+            os.link(f, tiled / "train" / f"copy{k:03d}-{f.name}")
+    for split in ("valid", "test"):
+        shutil.copytree(base / split, tiled / split)
+    return tiled
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["ple", "mmoe"])
-    p.add_argument("--train-rows", type=int, default=1_000_000, help="rows of the log our pipeline trains on")
-    p.add_argument("--peer-rows", type=int, default=None,
-                   help="rows torch-rechub and the tight loop train on (default: the train rows, the pipeline's epoch)")
+    p.add_argument("--train-rows", type=int, default=1_000_000, help="rows of the default log's train split")
+    p.add_argument("--adult-rows", type=int, default=500_000, help="rows of Adult's tiled train split")
+    p.add_argument("--logs", nargs="+", default=["default log", "UCI Adult"], choices=["default log", "UCI Adult"])
     p.add_argument("--out", default="outputs/bench/peer")
     a = p.parse_args()
     connect_ray()
-    shutil.rmtree(a.out, ignore_errors=True)
-    data = str(default_synthetic_data({"train": a.train_rows, "valid": 100_000, "test": 100_000}))
-    spec = DatasetSpec.load(SPEC_PATH)
+    out = Path(a.out)
+    shutil.rmtree(out, ignore_errors=True)
+    logs = {"default log": lambda: (default_synthetic_data({"train": a.train_rows, "valid": 100_000, "test": 100_000}),
+                                    SPEC_PATH),
+            "UCI Adult": lambda: (tiled_adult(out, a.adult_rows), adult.SPEC_PATH)}
     default = TrainConfig()
-    pre = fit_or_load_preprocessor(JobConfig(data=DataPaths(data, str(SPEC_PATH))), spec, f"{a.out}/ray_results")
-    a.peer_rows = a.peer_rows or a.train_rows
-    tensors = preprocessed_rows(data, spec, pre, a.peer_rows)
     bf16 = uses_bf16(default.precision, torch.device("cpu"))
     rows = []
-    for model in a.models:
-        cfg = ModelConfig(name=model, embedding_dim=DIM)
-        ours = pipeline_samples_per_s(data, cfg, 1, a.out, f"{model}-1w")["epoch"]
-        ours_fp32 = pipeline_samples_per_s(data, cfg, 1, a.out, f"{model}-1w-fp32", precision="fp32")["epoch"]
-        limit = without_ray(tight_loop, spec, cfg, tensors, default)
-        theirs = without_ray(rechub_samples_per_s, model, spec, tensors, default.batch_size, default.lr)
-        rows.append({"model": model.upper(),
-                     f"ours: pipeline, 1 worker, default ({'bf16' if bf16 else 'fp32'})": ours,
-                     "ours: pipeline, 1 worker, fp32": ours_fp32,
-                     "ours: in-memory loop, default": limit, "torch-rechub MTLTrainer, fp32": theirs,
-                     "pipeline default / torch-rechub": ours / theirs, "pipeline fp32 / torch-rechub": ours_fp32 / theirs})
+    for log in a.logs:
+        data, spec_path = (str(x) for x in logs[log]())
+        spec = DatasetSpec.load(spec_path)
+        pre = fit_or_load_preprocessor(JobConfig(data=DataPaths(data, spec_path)), spec, f"{out}/ray_results")
+        tensors = preprocessed_rows(data, spec, pre, 1 << 62)  # the whole train split: the pipeline's epoch
+        for model in a.models:
+            cfg = ModelConfig(name=model, embedding_dim=DIM)
+            row = {"log": f"{log} ({tensors.num_rows:,} train rows)", "model": model.upper()}
+            name = f"{log.split()[0].lower()}-{model}"
+            row[f"ours: pipeline, 1 worker ({'bf16' if bf16 else 'fp32'})"] = ours = pipeline_samples_per_s(
+                data, cfg, 1, str(out), f"{name}-1w", spec_path=spec_path)["epoch"]
+            if bf16:  # the peers have no mixed precision: fp32 beside it
+                row["ours: pipeline, 1 worker, fp32"] = pipeline_samples_per_s(
+                    data, cfg, 1, str(out), f"{name}-1w-fp32", precision="fp32", spec_path=spec_path)["epoch"]
+            row["ours: in-memory loop"] = without_ray(tight_loop, spec, cfg, tensors, default)
+            for peer, fn in PEERS.items():
+                row[peer] = without_ray(fn, model, spec, tensors, default.batch_size, default.lr)
+            for peer in PEERS:
+                row[f"pipeline / {peer.split()[0]}"] = ours / row[peer]
+            rows.append(row)
     cfg = ModelConfig(embedding_dim=DIM)
     write_result(
-        "peer", "Training throughput vs torch-rechub 0.9.0 (same experts, towers, embedding dims, batch, data)", rows,
+        "peer", "Training throughput vs torch-rechub and DeepCTR-Torch (same experts, towers, embedding dims, batch, data)", rows,
         [f"config: experts {cfg.expert_hidden}, towers {cfg.tower_hidden}; PLE {cfg.num_levels} levels x "
          f"({cfg.num_shared_experts} shared + {cfg.num_task_experts} per task) experts; MMoE {cfg.num_experts} experts; "
-         f"every embedding table {DIM}-dim (the spec's tables, the category table shared); batch {default.batch_size}; "
+         f"linear gates; every embedding table {DIM}-dim (the spec's tables, shared ones shared); batch {default.batch_size}; "
          f"Adam lr {default.lr}: ours fused Adam for the dense layers and the tables through TorchRec (FBGEMM's kernels, "
-         f"{default.table_optimizer} lr {default.table_lr} fused into the backward; pipeline.sharding); torch-rechub's default Adam, "
-         "dense, over everything",
+         f"{default.table_optimizer} lr {default.table_lr} fused into the backward; pipeline.sharding); the peers' Adam, "
+         "dense, over everything; DeepCTR-Torch with its L2 terms off (ours has none)",
          f"precision: ours by default `train.precision: {default.precision}`, i.e. bf16 autocast where the CPU has native "
-         f"bf16 ({'as this one does' if bf16 else 'this one has not'}), and forced to fp32 in its own column; "
-         "torch-rechub's trainer has no mixed precision (fp32)",
-         f"our pipeline trains {a.train_rows:,} rows streamed from Parquet; torch-rechub and the in-memory loop train "
-         + ("the same rows" if a.peer_rows == a.train_rows else f"the first {a.peer_rows:,} of them")
-         + ", already preprocessed in memory",
+         f"bf16 ({'as this one does; fp32 in its own column' if bf16 else 'this one has not, so fp32'}); the peers' "
+         "trainers have no mixed precision (fp32)",
+         f"logs: the default synthetic log ({a.train_rows:,} train rows); UCI Adult's train split (pipeline.adult) "
+         f"repeated to at least {a.adult_rows:,} rows. Our pipeline streams the train split from Parquet; the peers "
+         "and the in-memory loop train the same rows, already preprocessed in memory",
          "torch-rechub's MLP layers carry BatchNorm (its design); the layer sizes are the same",
-         "threads: both use this machine's cores; ours, a lone CPU worker, splits each step's batch across 2 threads "
-         "(train.step_threads auto, pipeline.train.BatchStep), torch-rechub runs each step in one thread with torch's "
+         "threads: all use this machine's cores; ours, a lone CPU worker, splits each step's batch across threads "
+         "(train.step_threads auto, pipeline.train.BatchStep); the peers run each step in one thread with torch's "
          "intra-op parallelism"],
-        "python bench/peer.py")
+        "python bench/peer.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

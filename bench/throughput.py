@@ -35,11 +35,11 @@ from pipeline.train import step_threads, uses_bf16
 
 
 def pipeline_samples_per_s(data: str, model: ModelConfig, workers: int, out: str, name: str,
-                           precision: str = TrainConfig.precision, step_threads: int = TrainConfig.step_threads
-                           ) -> dict[str, float]:
-    """The default job's first epoch: samples/s over the whole epoch, after its first batch, and the time to
-    the first batch (the data pipeline's start-up)."""
-    job = JobConfig(data=DataPaths(data, str(SPEC_PATH)), model=model,
+                           precision: str = TrainConfig.precision, step_threads: int = TrainConfig.step_threads,
+                           spec_path: str = str(SPEC_PATH)) -> dict[str, float]:
+    """The job's first epoch on ``data`` (the default log unless told): samples/s over the whole epoch, after
+    its first batch, and the time to the first batch (the data pipeline's start-up)."""
+    job = JobConfig(data=DataPaths(data, spec_path), model=model,
                     train=TrainConfig(epochs=1, num_workers=workers, precision=precision, step_threads=step_threads),
                     name=name, output=f"{out}/{name}", storage_path=f"{out}/ray_results")
     epoch = run(job)["history"][0]
