@@ -40,28 +40,32 @@ from pipeline.train import uses_bf16
 DIM = 16
 
 
-def rechub_inputs(spec: DatasetSpec, rows):
-    """torch-rechub feature objects and its x dict / y array for the same preprocessed rows."""
+def peer_inputs(spec: DatasetSpec, rows) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The preprocessed rows as both peers take them: x, a column per feature (an id list padded with 0, the
+    out-of-vocabulary row, which both mask), and y [N, T]."""
+    tensors = padded_arrays(rows, spec)
+    x = {f.name: tensors["sparse"][:, j] for j, f in enumerate(spec.sparse)}
+    x |= {s.name: tensors[f"seq:{s.name}"] for s in spec.sequences}
+    x |= {d.name: tensors["dense"][:, j] for j, d in enumerate(spec.dense)}
+    return x, tensors["labels"]
+
+
+def rechub_features(spec: DatasetSpec) -> list:
+    """torch-rechub's feature objects for the spec (a shared table: ``shared_with`` its first feature)."""
     from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
 
-    tensors = padded_arrays(rows, spec)
-    features, x, owner = [], {}, {}
-    for j, f in enumerate(spec.sparse):
+    features, owner = [], {}
+    for f in spec.sparse:
         table = spec.tables[f.table_name]
         features.append(SparseFeature(f.name, vocab_size=table.num_rows, embed_dim=DIM,
                                       shared_with=owner.get(table.name)))
         owner.setdefault(table.name, f.name)
-        x[f.name] = tensors["sparse"][:, j]
-    for j, s in enumerate(spec.sequences):
+    for s in spec.sequences:
         table = spec.tables[s.table_name]
         features.append(SequenceFeature(s.name, vocab_size=table.num_rows, embed_dim=DIM, pooling=s.pooling,
                                         shared_with=owner.get(table.name), padding_idx=0))
         owner.setdefault(table.name, s.name)
-        x[s.name] = tensors[f"seq:{s.name}"]
-    for j, d in enumerate(spec.dense):
-        features.append(DenseFeature(d.name))
-        x[d.name] = tensors["dense"][:, j]
-    return features, x, tensors["labels"]
+    return features + [DenseFeature(d.name) for d in spec.dense]
 
 
 def rechub_model(name: str, features, cfg: ModelConfig, num_tasks: int):
@@ -82,7 +86,7 @@ def rechub_samples_per_s(name: str, spec: DatasetSpec, tensors: dict[str, np.nda
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
-    features, x, y = rechub_inputs(spec, tensors)
+    features, (x, y) = rechub_features(spec), peer_inputs(spec, tensors)
     model = rechub_model(name, features, ModelConfig(name=name, embedding_dim=DIM), y.shape[1])
     with tempfile.TemporaryDirectory() as d:
         trainer = MTLTrainer(model, task_types=["classification"] * y.shape[1], n_epoch=1, device="cpu",
@@ -93,26 +97,17 @@ def rechub_samples_per_s(name: str, spec: DatasetSpec, tensors: dict[str, np.nda
         return len(y) / (time.perf_counter() - t0)
 
 
-def deepctr_inputs(spec: DatasetSpec, rows):
-    """DeepCTR-Torch feature columns and its x dict / y array for the same preprocessed rows (a shared table is
-    one ``embedding_name``; an id list is padded with 0, which its mean pooling masks)."""
+def deepctr_features(spec: DatasetSpec) -> list:
+    """DeepCTR-Torch's feature columns for the spec (a shared table: one ``embedding_name``)."""
     from deepctr_torch.inputs import DenseFeat, SparseFeat, VarLenSparseFeat
 
-    tensors = padded_arrays(rows, spec)
-    features, x = [], {}
-    for j, f in enumerate(spec.sparse):
-        table = spec.tables[f.table_name]
-        features.append(SparseFeat(f.name, table.num_rows, embedding_dim=DIM, embedding_name=table.name))
-        x[f.name] = tensors["sparse"][:, j]
-    for s in spec.sequences:
-        table = spec.tables[s.table_name]
-        features.append(VarLenSparseFeat(SparseFeat(s.name, table.num_rows, embedding_dim=DIM, embedding_name=table.name),
-                                         maxlen=s.max_len, combiner=s.pooling))
-        x[s.name] = tensors[f"seq:{s.name}"]
-    for j, d in enumerate(spec.dense):
-        features.append(DenseFeat(d.name, 1))
-        x[d.name] = tensors["dense"][:, j]
-    return features, x, tensors["labels"]
+    def sparse(name: str, table_name: str) -> SparseFeat:
+        table = spec.tables[table_name]
+        return SparseFeat(name, table.num_rows, embedding_dim=DIM, embedding_name=table.name)
+
+    return ([sparse(f.name, f.table_name) for f in spec.sparse]
+            + [VarLenSparseFeat(sparse(s.name, s.table_name), maxlen=s.max_len, combiner=s.pooling) for s in spec.sequences]
+            + [DenseFeat(d.name, 1) for d in spec.dense])
 
 
 def deepctr_samples_per_s(name: str, spec: DatasetSpec, tensors, batch_size: int, lr: float) -> float:
@@ -120,7 +115,7 @@ def deepctr_samples_per_s(name: str, spec: DatasetSpec, tensors, batch_size: int
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
-    features, x, y = deepctr_inputs(spec, tensors)
+    features, (x, y) = deepctr_features(spec), peer_inputs(spec, tensors)
     cfg, tasks = ModelConfig(name=name, embedding_dim=DIM), y.shape[1]
     # linear gates and no L2 terms, as ours (its defaults: a 64-unit gate MLP, L2 on every embedding table)
     common = dict(expert_dnn_hidden_units=tuple(cfg.expert_hidden), gate_dnn_hidden_units=(),
