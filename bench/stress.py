@@ -163,6 +163,20 @@ def write(label: str, summary: dict, runs: list[dict], quiet: bool = False) -> N
         print("\n".join(lines))
 
 
+def saved_runs(args) -> list[dict]:
+    """The label's runs so far, refused if they ran another job: appending must not mix configs."""
+    path = RESULTS / "stress.json"
+    saved = json.loads(path.read_text()).get("labels", {}).get(args.label) if path.exists() else None
+    if saved is None:
+        return []
+    for key, now in {"job_args": args.job, "env": args.env, "load": args.load}.items():
+        if saved[key] != now:
+            sys.exit(f"--append: label {args.label!r} ran with {key} {saved[key]!r}, not {now!r}")
+    if saved.get("script", "jobs/train_ple.py") != args.script:
+        sys.exit(f"--append: label {args.label!r} ran {saved.get('script')}, not {args.script}")
+    return saved["per_run"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=50)
@@ -175,6 +189,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/ms", help="runs' directories (kept: their logs)")
     p.add_argument("--timeout", type=int, default=900, help="seconds a run may take")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
+    p.add_argument("--append", action="store_true", help="continue the label's saved runs (same job, env and "
+                   "load) instead of replacing them: a 50-run figure can be gathered over several sittings")
     p.add_argument("--scan", metavar="RAY_TMPDIR", help="only scan every Ray session under this temp root (e.g. "
                    "the one a test run used) for dead processes, and exit 1 if there are any")
     p.add_argument("job", nargs="*", help="arguments for jobs/train_ple.py (after --)")
@@ -191,8 +207,8 @@ def main() -> None:
         sys.exit(1 if bad else 0)
     env = dict(e.split("=", 1) for e in args.env)
     work = Path(args.work) / args.label
-    runs = []
-    for i in range(args.runs):
+    runs = saved_runs(args) if args.append else []
+    for i in range(len(runs), len(runs) + args.runs):
         r = one_run(i, work, args.job, env, args.cores, args.load, args.timeout, args.script)
         runs.append(r)
         print(f"[{args.label}] run {i}: rc {r['rc']} in {r['seconds']} s, deaths {len(r['deaths'])}, "

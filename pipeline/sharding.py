@@ -66,6 +66,14 @@ def check_table_optimizer(name: str, use_gpu: bool) -> None:
                           f"{', '.join(CPU_TABLE_OPTIMIZERS)}")
 
 
+# a replicated table has no shards; FBGEMM logs each kernel's arguments on the root logger, "[TBE=<uuid>] ..."
+_NOISE = ("Sharding spec not found for", "caching params will be ignored", "[TBE=")
+
+
+def _not_noise(record) -> bool:
+    return not any(n in record.getMessage() for n in _NOISE)
+
+
 def quiet() -> None:
     """TorchRec and FBGEMM log every kernel's arguments at INFO, and torch warns about APIs TorchRec 1.8 still
     uses (ShardedTensor, DDP's broadcast_buffers, the *_tensor collectives): none of it is actionable here."""
@@ -75,10 +83,8 @@ def quiet() -> None:
     for name in ("fbgemm_gpu", "torchrec"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # "is_fx_tracing will return true ..."
-    # a replicated table has no shards; FBGEMM logs each kernel's arguments on the root logger, "[TBE=<uuid>] ..."
-    noise = ("Sharding spec not found for", "caching params will be ignored", "[TBE=")
     for logger in (logging.getLogger(), logging.getLogger("torchrec.distributed.utils")):
-        logger.addFilter(lambda record: not any(n in record.getMessage() for n in noise))
+        logger.addFilter(_not_noise)  # the same function each call: a logger keeps one copy
     for message in ("Please use DTensor instead", "`broadcast_buffers` is deprecated", "`torch.distributed.reduce_scatter_tensor`",
                     "`torch.distributed.all_gather_into_tensor`", "`torch.distributed._all_gather_base`",
                     "`torch.distributed._reduce_scatter_base`"):
