@@ -1,10 +1,11 @@
 """Embedding tables sharded across the Train workers with TorchRec.
 
 ``shard`` wraps a model in ``DistributedModelParallel``: TorchRec's planner places every table of the
-embedding front (``model.sharding``: ``auto`` lets the planner choose, or one sharding type for all), the
-tables are looked up with FBGEMM's batched kernels and an all-to-all, and updated by an optimizer fused into
-the backward pass (``train.table_optimizer``); the dense layers are replicated with DDP as before. gloo on
-CPU, nccl on GPU: the process group is the one Ray Train set up.
+embedding front (``model.sharding``: ``auto`` lets the planner choose on GPU and prefers table-wise on CPU,
+``cpu_auto_constraints``; or one sharding type for all), the tables are looked up with FBGEMM's batched
+kernels and an all-to-all, and updated by an optimizer fused into the backward pass
+(``train.table_optimizer``); the dense layers are replicated with DDP as before. gloo on CPU, nccl on GPU:
+the process group is the one Ray Train set up.
 
 Every worker steps in lockstep (``lockstep``): sharded lookups are collectives, so a worker whose shard has
 run out keeps stepping on empty batches until every worker's shard has, and every batch has the same number
@@ -108,6 +109,8 @@ def shard(model: torch.nn.Module, sharding: str, table_optimizer: str, table_lr:
         unpooled = "table_wise" if sharding == "data_parallel" else sharding
         constraints = {t: ParameterConstraints(sharding_types=[SHARDING_TYPES[sharding].value]) for t in bags}
         constraints |= {t: ParameterConstraints(sharding_types=[SHARDING_TYPES[unpooled].value]) for t in sequences}
+    elif device.type == "cpu":
+        constraints = cpu_auto_constraints(model.front, world)
     sharders = [BagSharder(), SequenceSharder()]
     topology = TopologyFactory.create_topology(TrainerConfig(world_size=world), kernel_config=KernelConfig(compute_device=device.type))
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints,
@@ -116,6 +119,21 @@ def shard(model: torch.nn.Module, sharding: str, table_optimizer: str, table_lr:
     # one worker: no DDP around the dense layers (nothing to all-reduce)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders, init_data_parallel=world > 1)
     return dmp, plan_summary(plan)
+
+
+def cpu_auto_constraints(front: torch.nn.Module, world: int) -> dict[str, ParameterConstraints]:
+    """``model.sharding: auto`` on CPU: a table of at most an even share of all tables' rows x dim goes whole
+    to one worker (table-wise), a larger one is split by rows across all of them (row-wise); the planner
+    then places the tables. TorchRec's planner ranks plans by a GPU cost model and picks row-wise for every
+    table here, even on a lone worker. On CPU that pays for what table-wise does not: bucketizing the ids, a
+    reduce-scatter of the pooled gradients, and mean pooling applied after the lookup instead of inside it.
+    The default job trains faster table-wise, at 1 worker and at 2 (docs/NOTES.md). The share keeps the
+    workers' table memory within about twice an even split; a table too large for one worker is row-wise."""
+    configs = ([] if front.bags is None else front.bags.embedding_bag_configs()) + [
+        c for m in front.seqs for c in m.embedding_configs()]
+    share = sum(c.num_embeddings * c.embedding_dim for c in configs) / world
+    kind = {c.name: "table_wise" if c.num_embeddings * c.embedding_dim <= share else "row_wise" for c in configs}
+    return {t: ParameterConstraints(sharding_types=[SHARDING_TYPES[k].value]) for t, k in kind.items()}
 
 
 def plan_summary(plan: ShardingPlan) -> dict[str, str]:
