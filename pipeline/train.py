@@ -1,7 +1,7 @@
 """The per-worker training loop, run by Ray Train's TorchTrainer on every worker.
 
 Read it top to bottom: restore from the latest checkpoint if there is one, then for each epoch train on
-this worker's shard, evaluate the validation split exactly (predictions gathered on rank 0), checkpoint,
+this worker's shard, evaluate the validation split exactly (metrics as collectives, no gather), checkpoint,
 and stop early when validation stops improving. Finally the best epoch's model (chosen on validation)
 is evaluated once on the test split and reported with the final checkpoint.
 """
@@ -318,8 +318,8 @@ def mixed_precision(precision: str, device: torch.device):
 
 
 def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, cfg, autocast) -> dict[str, float]:
-    """Every worker predicts its shard of the split (in lockstep: the tables are sharded), rank 0 scores all
-    of the split's predictions at once."""
+    """Every worker predicts its shard of the split (in lockstep: the tables are sharded) and keeps it; the
+    metrics over all of the split's rows are collectives (``split_metrics``); rank 0 returns them."""
     shard = ray.train.get_dataset_shard(split)
     gates = GateStats()
     device = ray.train.torch.get_device()
@@ -327,11 +327,11 @@ def _evaluate(module: torch.nn.Module, split: str, spec: DatasetSpec, cfg, autoc
     batches = lockstep(tensor_batches(shard, spec, cfg.batch_size * 4, device), empty)
     with autocast:
         local = predict_shard(module, batches, len(spec.tasks), gates)
-    gathered = gather_to_rank0(local)
-    gate_states = gather_to_rank0({"gates": gates.state()}, concat=False)
-    if gathered is None:
+    metrics = split_metrics(local, spec, cfg.objective_weights)  # a collective: no rank gathers the split
+    gate_states = gather_to_rank0({"gates": gates.state()}, concat=False)  # a few numbers per worker
+    if gate_states is None:
         return {}
-    metrics = split_metrics(gathered, spec, cfg.objective_weights) | summarize(merge_states(gate_states["gates"]), spec.task_names)
+    metrics |= summarize(merge_states(gate_states["gates"]), spec.task_names)
     return {f"{split}/{k}": v for k, v in metrics.items()}
 
 
