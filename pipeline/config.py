@@ -39,7 +39,7 @@ class ModelConfig:
     aitm_constraint_weight: float = 0.6  # AITM's label-constraint loss weight (the paper's alpha)
     embedding_dim: Optional[int] = None  # overrides every table's dim from the spec (a Tune knob)
     # how the embedding tables are sharded across the workers (TorchRec): auto lets TorchRec's planner choose
-    # per table (on CPU: table-wise up to an even share of the rows, row-wise above; pipeline.sharding); or one
+    # per table (on CPU: table-wise up to 1 GiB a table, row-wise above; pipeline.sharding); or one
     # sharding type for every table
     sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = "auto"
 

@@ -110,7 +110,7 @@ def shard(model: torch.nn.Module, sharding: str, table_optimizer: str, table_lr:
         constraints = {t: ParameterConstraints(sharding_types=[SHARDING_TYPES[sharding].value]) for t in bags}
         constraints |= {t: ParameterConstraints(sharding_types=[SHARDING_TYPES[unpooled].value]) for t in sequences}
     elif device.type == "cpu":
-        constraints = cpu_auto_constraints(model.front, world)
+        constraints = cpu_auto_constraints(model.front)
     sharders = [BagSharder(), SequenceSharder()]
     topology = TopologyFactory.create_topology(TrainerConfig(world_size=world), kernel_config=KernelConfig(compute_device=device.type))
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints,
@@ -121,18 +121,21 @@ def shard(model: torch.nn.Module, sharding: str, table_optimizer: str, table_lr:
     return dmp, plan_summary(plan)
 
 
-def cpu_auto_constraints(front: torch.nn.Module, world: int) -> dict[str, ParameterConstraints]:
-    """``model.sharding: auto`` on CPU: a table of at most an even share of all tables' rows x dim goes whole
-    to one worker (table-wise), a larger one is split by rows across all of them (row-wise); the planner
-    then places the tables. TorchRec's planner ranks plans by a GPU cost model and picks row-wise for every
-    table here, even on a lone worker. On CPU that pays for what table-wise does not: bucketizing the ids, a
+TABLE_WISE_MAX_BYTES = 1 << 30  # on CPU, auto keeps a table of up to 1 GiB of fp32 weights whole on one worker
+
+
+def cpu_auto_constraints(front: torch.nn.Module) -> dict[str, ParameterConstraints]:
+    """``model.sharding: auto`` on CPU: a table of up to ``TABLE_WISE_MAX_BYTES`` of weights goes whole to one
+    worker (table-wise), a larger one is split by rows across all of them (row-wise); the planner then places
+    the tables. TorchRec's planner ranks plans by a GPU cost model and picks row-wise for every table here,
+    even on a lone worker. On CPU that pays for what table-wise does not: bucketizing the ids, a
     reduce-scatter of the pooled gradients, and mean pooling applied after the lookup instead of inside it.
-    The default job trains faster table-wise, at 1 worker and at 2 (docs/NOTES.md). The share keeps the
-    workers' table memory within about twice an even split; a table too large for one worker is row-wise."""
+    A plan that mixes the two pays for both kinds of collectives, so the limit is about a worker's memory, not
+    about balance: the default job's tables all go table-wise, which trained faster (docs/NOTES.md)."""
     configs = ([] if front.bags is None else front.bags.embedding_bag_configs()) + [
         c for m in front.seqs for c in m.embedding_configs()]
-    share = sum(c.num_embeddings * c.embedding_dim for c in configs) / world
-    kind = {c.name: "table_wise" if c.num_embeddings * c.embedding_dim <= share else "row_wise" for c in configs}
+    kind = {c.name: "table_wise" if c.num_embeddings * c.embedding_dim * 4 <= TABLE_WISE_MAX_BYTES else "row_wise"
+            for c in configs}
     return {t: ParameterConstraints(sharding_types=[SHARDING_TYPES[k].value]) for t, k in kind.items()}
 
 
