@@ -16,7 +16,15 @@ from setuptools.build_meta import *  # noqa: F401,F403  (the PEP 517/660 hooks n
 
 INSTALL = ('pip install torch==2.13.0 fbgemm-gpu-cpu==1.8.0 && pip install --no-deps torchrec==1.8.0   '
            '(GPU machine: fbgemm-gpu==1.8.0 instead of fbgemm-gpu-cpu)')
-CHECK = "import fbgemm_gpu, torchrec"
+# Metadata only, not an import: importing torchrec needs its pure-Python dependencies (tensordict, ...),
+# which this very install brings, so on a fresh machine an import would fail even after the right step.
+CHECK = ("from importlib.metadata import version, PackageNotFoundError as Missing\n"
+         "def v(*names):\n"
+         "    for n in names:\n"
+         "        try: return version(n)\n"
+         "        except Missing: pass\n"
+         "    raise SystemExit(f'{names[0]} is not installed')\n"
+         "v('torchrec'); v('fbgemm-gpu-cpu', 'fbgemm-gpu')")
 
 
 def _check() -> None:

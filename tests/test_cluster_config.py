@@ -38,3 +38,17 @@ def test_rayjob_runs_the_training_job():
     assert gpu["nvidia.com/gpu"] == "1" and groups["gpu"]["minReplicas"] == 0
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert "outputs/" in runtime_env["excludes"]
+
+
+def test_install_check_reads_metadata_so_a_fresh_machine_passes_it():
+    """`pip install -e .` brings TorchRec's pure-Python dependencies, so its pre-build check must not import
+    torchrec (which needs tensordict): on a fresh machine that import fails although the README's step ran."""
+    import subprocess
+    import sys
+
+    from pipeline._build_backend import CHECK
+    no_deps = "import sys; sys.modules['tensordict'] = None\n"  # as if tensordict were not installed yet
+    assert subprocess.run([sys.executable, "-c", no_deps + CHECK]).returncode == 0
+    missing = subprocess.run([sys.executable, "-c", CHECK.replace("'torchrec'", "'torchrec-absent'")],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "torchrec-absent is not installed" in missing.stderr
