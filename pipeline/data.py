@@ -1,9 +1,9 @@
 """Ray Data ingest: Parquet splits -> preprocessing fit on train -> model-ready tensor batches.
 
-The data path is one straight line: ``read_parquet`` (column selection, file order shuffled per epoch for
-train) -> ``map_batches(Preprocessor.transform)`` fused into the read task (train: rows permuted within
-windows of each block) -> streaming split across Train workers -> ``tensor_batches``. Nothing is
-materialised: each epoch re-streams the files.
+The data path is one straight line: a Parquet read per piece of row groups (column selection, piece order
+shuffled per epoch for train) -> ``map_batches(Preprocessor.transform)`` fused into the read task (train: rows
+permuted within windows of each block) -> streaming split across Train workers -> ``tensor_batches``. Nothing
+is materialised: each epoch re-streams the files.
 
 A transformed block holds one column per feature, encoded by its feature class (``pipeline.features``):
     <id feature>       int32         table-local index, 0 = out of vocabulary (int32: half the bytes of int64
@@ -19,6 +19,8 @@ dense, label and oracle tensors.
 from __future__ import annotations
 
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray.data
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.collate_fn import ArrowBatchCollateFn
@@ -182,32 +186,86 @@ def _merge_counts(parts: list[pa.Table]) -> pa.Table:
     return merged.rename_columns(["value", "count"])
 
 
-def read_split(path: str, split: str, spec: DatasetSpec, shuffle_files: bool = False) -> ray.data.Dataset:
-    """The raw columns the spec needs (plus oracle columns on evaluation splits), streamed from Parquet."""
+PIECE_ROWS = 262_144  # a read task's rows at most, where the row groups allow: bounded blocks, early first batch
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of consecutive row groups of one Parquet file: one read task, and one block onward."""
+
+    path: str
+    row_groups: tuple[int, ...]
+    rows: int
+
+
+def parquet_pieces(fs: pafs.FileSystem, files: list[str], min_pieces: int = 1, threads: int = 8) -> list[Piece]:
+    """The files cut at row-group boundaries into pieces of at most ``PIECE_ROWS`` rows, and into at least
+    ``min_pieces`` (the split's consumers, times 2) where the row groups allow, so how a log was written into
+    files does not decide how many workers it feeds: a one-file split of several row groups feeds them all.
+    Reads only the files' footers."""
+    def groups(path: str) -> list[int]:
+        md = pq.ParquetFile(fs.open_input_file(path)).metadata
+        return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # footers: I/O, one request each on object storage
+        sizes = list(pool.map(groups, files))
+    target = max(1, min(PIECE_ROWS, -(-sum(map(sum, sizes)) // max(1, min_pieces))))
+    pieces = []
+    for path, rows in zip(files, sizes):
+        run: list[int] = []
+        for i, n in enumerate(rows):
+            if run and sum(rows[j] for j in run) + n > target:
+                pieces.append(Piece(path, tuple(run), sum(rows[j] for j in run)))
+                run = []
+            run.append(i)
+        if run:
+            pieces.append(Piece(path, tuple(run), sum(rows[j] for j in run)))
+    return pieces
+
+
+def read_pieces(batch: pa.Table, fs: pafs.FileSystem, columns: list[str]) -> pa.Table:
+    """A read task: the ``columns`` of the block's pieces (a block holds one), read with pyarrow."""
+    return pa.concat_tables([pq.ParquetFile(fs.open_input_file(path)).read_row_groups(list(groups), columns=columns)
+                             for path, groups in zip(batch["path"].to_pylist(), batch["row_groups"].to_pylist())])
+
+
+def read_split(path: str, split: str, spec: DatasetSpec, shuffle_files: bool = False,
+               workers: int = 1) -> ray.data.Dataset:
+    """The raw columns the spec needs (plus oracle columns on evaluation splits), streamed from Parquet: one
+    read task per piece of row groups (``parquet_pieces``), in a new random order every execution (every
+    epoch) with ``shuffle_files``. Ray's ``read_parquet`` splits a read only between files (one task and
+    block per file here: its default of >= 200 small blocks cost more to pass on than the read itself, 1M rows
+    1.6 s -> 0.6 s), so a one-file split went to one worker. ``workers``: the split's consumers."""
     fs, files = split_files(path, split)
     columns = spec.feature_columns + spec.label_columns
     if split != "train":
         columns += list(spec.oracle.values())
-    # one read task and block per file: by default Ray cuts the read into >= 200 blocks (50 per file of the
-    # default log), and the small blocks cost more to pass on than the read itself (1M rows: 1.6 s -> 0.6 s)
-    ds = ray.data.read_parquet(files, filesystem=fs, shuffle="files" if shuffle_files else None,
-                               override_num_blocks=len(files))
-    return ds.select_columns(columns)  # pushed down into the Parquet reader
+    pieces = parquet_pieces(fs, files, min_pieces=2 * workers)
+    if len(pieces) < workers:
+        warnings.warn(f"{path}: split {split!r} is {len(files)} file(s) of {len(pieces)} row group(s) in all, fewer than "
+                      f"its {workers} workers: some stay idle. Write it in more row groups (jobs/convert.py "
+                      "does) or files.", stacklevel=2)
+    ds = ray.data.from_items([{"path": p.path, "row_groups": list(p.row_groups)} for p in pieces],
+                             override_num_blocks=len(pieces))
+    if shuffle_files:
+        ds = ds.randomize_block_order()  # unseeded: a new order each time the dataset executes
+    return ds.map_batches(read_pieces, fn_kwargs={"fs": fs, "columns": columns}, batch_format="pyarrow",
+                          batch_size=None)
 
 
 def build_datasets(path: str, spec: DatasetSpec, preprocessor: Preprocessor, splits=("train", "valid", "test"),
-                   shuffle_window: int = TrainConfig.shuffle_window) -> dict[str, ray.data.Dataset]:
+                   shuffle_window: int = TrainConfig.shuffle_window, workers: int = 1) -> dict[str, ray.data.Dataset]:
     """Model-ready datasets per split. Train files are read in a new random order every epoch and the rows
-    of every ``shuffle_window`` rows of a read block are permuted, by the Data tasks.
+    of every ``shuffle_window`` rows of a read block are permuted, by the Data tasks. Each split is read in at
+    least ``2 * workers`` pieces where its row groups allow (``parquet_pieces``).
 
-    The preprocessing takes whole read blocks (``batch_size=None``: a file each, or Ray's target block size of
-    a larger file), so Ray fuses it into the read task: one task reads and preprocesses a file. A batch size
+    The preprocessing takes whole read blocks (``batch_size=None``: a piece each, or Ray's target block size of
+    a larger piece), so Ray fuses it into the read task: one task reads and preprocesses a piece. A batch size
     stops that fusion (Ray cannot tell how many rows a read yields), which cost ingest 25 % here: every block
     went through the object store between two tasks (bench/results/ingest.md)."""
     out = {}
     for split in splits:
         train = split == "train" and shuffle_window > 0
-        out[split] = read_split(path, split, spec, shuffle_files=(split == "train")).map_batches(
+        out[split] = read_split(path, split, spec, shuffle_files=(split == "train"), workers=workers).map_batches(
             PermutedTransform(preprocessor, shuffle_window) if train else preprocessor.transform,
             batch_format="pyarrow", batch_size=None)
     return out

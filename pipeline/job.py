@@ -237,7 +237,8 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     print(f"workers: {scaling.num_workers} x {scaling.resources_per_worker} ({threads} torch threads each"
           + (f", each step split across {threads_per_step} threads)" if threads_per_step > 1 else ")"))
 
-    datasets = build_datasets(job.data.path, spec, pre, shuffle_window=job.train.shuffle_window)
+    datasets = build_datasets(job.data.path, spec, pre, shuffle_window=job.train.shuffle_window,
+                              workers=scaling.num_workers)
     data_config = ExactSplitDataConfig(buffer_bytes=job.train.data_buffer_mb * 2**20)
     data_config.start_splits(datasets, scaling.num_workers)
     restarts = RestartLog(storage, job.name)

@@ -95,9 +95,9 @@ def test_synthetic_pipeline_batches(small_log, spec, ray_local):
         assert bool((jt.values() < rows).all()) and bool((jt.values() >= 0).all())
     assert "oracle" not in next(iter(tensor_batches(ds["train"], spec, 8)))
     assert sum(b.num_rows for b in ds["train"].iter_batches(batch_size=4096, batch_format="pyarrow")) == 60_000
-    # each split reads and preprocesses a file in one task (a batch size on map_batches breaks this fusion)
+    # each split reads and preprocesses a piece in one task (a batch size on map_batches breaks this fusion)
     for split in ("train", "valid"):
-        assert re.search(r"Read\w*->MapBatches", ds[split].stats()), ds[split].stats()
+        assert re.search(r"MapBatches\(read_pieces\)->MapBatches", ds[split].stats()), ds[split].stats()
 
 
 def test_permuted_transform_shuffles_within_windows(tiny_ds):

@@ -195,15 +195,29 @@ def test_step_threads_split_only_a_lone_cpu_workers_steps():
         TrainConfig(step_threads=-1)
 
 
+def test_a_one_file_split_feeds_every_worker(ray_local, tmp_path):
+    """One file per split, in row groups: the split is read in pieces of row groups, so both workers train
+    (and evaluate) a fair part of it, however the log was written into files."""
+    log = generate(tmp_path / "one_file", SyntheticConfig(rows={"train": 4000, "valid": 1000, "test": 1000},
+                                                         rows_per_file=10_000, row_group_rows=500, num_users=5_000,
+                                                         num_items=10_000, seed=4))
+    assert [len(list((log / s).glob("*.parquet"))) for s in ("train", "valid", "test")] == [1, 1, 1]
+    job = _job(log, tmp_path, epochs=1, name="one_file_pieces")
+    job.train.batch_size = 256
+    h = run(job)["history"][0]
+    assert h["train/rows_trained"] == 4000 and h["train/worker_rows_min"] > 0.4 * 4000 / 2, h
+
+
 def test_a_worker_whose_shard_is_empty_waits_for_the_other(ray_local, tmp_path):
-    """One file per split and 2 workers: rank 1 gets no rows. It steps on empty batches in lockstep with the
+    """One file of one row group per split and 2 workers: the split cannot be cut, so rank 1 gets no rows. It steps on empty batches in lockstep with the
     other (the sharded tables' all-to-alls and the dense all-reduces stay matched); every row is still
     trained and evaluated."""
     log = generate(tmp_path / "one_file", SyntheticConfig(rows={"train": 3000, "valid": 1000, "test": 1000},
                                                          rows_per_file=10_000, num_users=5_000, num_items=10_000, seed=4))
     job = _job(log, tmp_path, epochs=2, name="one_file")
     job.train.batch_size = 256
-    metrics = run(job)
+    with pytest.warns(UserWarning, match="fewer than its 2 workers: some stay idle"):
+        metrics = run(job)
     for h in metrics["history"]:
         assert h["train/rows_trained"] == h["train/worker_rows_max"] == 3000 and h["train/worker_rows_min"] == 0
     assert metrics["valid"]["rows"] == metrics["test"]["rows"] == 1000
