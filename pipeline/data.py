@@ -262,12 +262,12 @@ def build_datasets(path: str, spec: DatasetSpec, preprocessor: Preprocessor, spl
     a larger piece), so Ray fuses it into the read task: one task reads and preprocesses a piece. A batch size
     stops that fusion (Ray cannot tell how many rows a read yields), which cost ingest 25 % here: every block
     went through the object store between two tasks (bench/results/ingest.md)."""
+    shared = ray.put(preprocessor)  # once: every Data task fetches it from the object store, once per process
     out = {}
     for split in splits:
-        train = split == "train" and shuffle_window > 0
+        window = shuffle_window if split == "train" else 0
         out[split] = read_split(path, split, spec, shuffle_files=(split == "train"), workers=workers).map_batches(
-            PermutedTransform(preprocessor, shuffle_window) if train else preprocessor.transform,
-            batch_format="pyarrow", batch_size=None)
+            Preprocess(shared, window), batch_format="pyarrow", batch_size=None)
     return out
 
 
@@ -348,16 +348,38 @@ def empty_rows(spec: DatasetSpec, rows: int = 0) -> pa.Table:
                     | {c: pa.array(np.zeros(rows, np.float32)) for c in spec.label_columns})
 
 
-class PermutedTransform:
-    """The preprocessing, then a random permutation of the rows within every ``window`` rows of the block:
-    the within-file part of the per-epoch shuffle, done by the Data tasks. (Ray's local shuffle buffer does
-    it on the training worker, where it cost 13 % of PLE's training throughput on 2 cores; docs/NOTES.md.)"""
+_FETCHED: dict[str, Preprocessor] = {}  # object id -> its preprocessor, fetched once in this process
+_FETCHED_MAX = 4  # the latest few (Tune trials share the worker processes, each with its own object)
 
-    def __init__(self, preprocessor: Preprocessor, window: int) -> None:
+
+def _fetched(preprocessor: "Preprocessor | ray.ObjectRef") -> Preprocessor:
+    if not isinstance(preprocessor, ray.ObjectRef):
+        return preprocessor
+    key = preprocessor.hex()
+    if key not in _FETCHED:
+        while len(_FETCHED) >= _FETCHED_MAX:
+            del _FETCHED[next(iter(_FETCHED))]  # the oldest
+        _FETCHED[key] = ray.get(preprocessor)
+    return _FETCHED[key]
+
+
+class Preprocess:
+    """A Data task's preprocessing: ``Preprocessor.transform``, then (``window`` > 0) a random permutation of
+    the rows within every ``window`` rows of the block, the within-file part of the per-epoch shuffle. (Ray's
+    local shuffle buffer does that on the training worker, where it cost 13 % of PLE's training throughput on
+    2 cores; docs/NOTES.md.)
+
+    Given an object store reference, it fetches and deserialises the state (the vocabularies) once per process
+    and keeps its integer lookups there, instead of once per task as a state carried in the task's function
+    is."""
+
+    def __init__(self, preprocessor: "Preprocessor | ray.ObjectRef", window: int = 0) -> None:
         self.preprocessor, self.window = preprocessor, window
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = self.preprocessor.transform(batch)
+        out = _fetched(self.preprocessor).transform(batch)
+        if self.window <= 0:
+            return out
         rng = np.random.default_rng()  # fresh entropy: a new order every epoch
         order = np.arange(batch.num_rows)
         for start in range(0, batch.num_rows, self.window):

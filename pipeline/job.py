@@ -173,9 +173,10 @@ def _storage(job: JobConfig) -> str:
     return str((Path(job.output) / "ray_results").resolve())
 
 
-def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) -> Preprocessor:
+def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) -> tuple[Preprocessor, str]:
     """Fit on the train split once per (data, spec) in this storage: a resumed run reuses the exact same
-    encoding, and the runs of a study or a Tune search over one dataset share one fit."""
+    encoding, and the runs of a study or a Tune search over one dataset share one fit. Returns it and the
+    path of its saved state (``torch.load(weights_only=True)``-able), which is what travels to the workers."""
     fs, root = filesystem(storage)
     drop = job.data.on_bad_rows == "drop"  # then the fit skips the bad rows: another fit
     key = hashlib.sha1(json.dumps([job.data.path, dataclasses.asdict(spec), drop], sort_keys=True).encode()).hexdigest()[:16]
@@ -183,7 +184,7 @@ def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) ->
     if fs.get_file_info(path).type == pafs.FileType.File:
         with fs.open_input_stream(path) as f:
             saved = torch.load(io.BytesIO(f.read()), weights_only=True)
-        return Preprocessor.from_state_dict(saved["state"], spec, drop)
+        return Preprocessor.from_state_dict(saved["state"], spec, drop), path
     pre = Preprocessor.fit(read_split(job.data.path, "train", spec), spec, drop)
     fs.create_dir(f"{root}/preprocessors", recursive=True)
     buf = io.BytesIO()
@@ -192,7 +193,7 @@ def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) ->
     with fs.open_output_stream(tmp) as f:
         f.write(buf.getvalue())
     fs.move(tmp, path)
-    return pre
+    return pre, path
 
 
 def check_resumable(job: JobConfig, storage: str) -> None:
@@ -230,7 +231,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         print(f"on_bad_rows: drop: leaving out {data.dropped} bad rows ({data.bad_rows})")
     storage = _storage(job)
     check_resumable(job, storage)
-    pre = fit_or_load_preprocessor(job, spec, storage)
+    pre, pre_path = fit_or_load_preprocessor(job, spec, storage)
     scaling, threads = scaling_for_cluster(job.train)
     threads_per_step = step_threads(job.train, threads, scaling.use_gpu, scaling.num_workers)
     check_table_optimizer(job.train.table_optimizer, scaling.use_gpu)
@@ -245,7 +246,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "job": job.to_dict(), "spec": _spec_dict(spec), "preprocessor": pre.state_dict(),
+            "job": job.to_dict(), "spec": _spec_dict(spec), "preprocessor": pre_path,
             "torch_threads": threads, "step_threads": threads_per_step, "code_version": code_version(),
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import from_dict, DatasetSpec
 import pipeline.data
-from pipeline.data import (KEEP, BackpressureBackoff, Collate, PermutedTransform, Preprocessor, build_datasets,
+from pipeline.data import (KEEP, BackpressureBackoff, Collate, Preprocess, Preprocessor, build_datasets,
                            read_split, tensor_batches)
 
 TINY = {
@@ -108,7 +108,7 @@ def test_permuted_transform_shuffles_within_windows(tiny_ds):
     n, window = 1000, 300
     batch = pa.table({"u": [7] * n, "s": ["a"] * n, "h": list(range(n)), "hist": [[1]] * n, "x": np.arange(n, dtype=float),
                       "price": [1.0] * n, "click": [i % 2 for i in range(n)]})
-    permute = PermutedTransform(pre, window)
+    permute = Preprocess(pre, window)
     orders = []
     for _ in range(2):
         out = permute(batch)
@@ -118,6 +118,27 @@ def test_permuted_transform_shuffles_within_windows(tiny_ds):
         assert (out["click"].to_numpy() == order % 2).all()  # the columns move together
         orders.append(order)
     assert not (orders[0] == orders[1]).all() and not (orders[0] == np.arange(n)).all()
+
+
+def test_data_tasks_fetch_the_preprocessor_once_per_process(tiny_ds, ray_local):
+    """The fit state goes to the Data tasks through the object store and is deserialised once per process,
+    however many tasks the process runs (vocabularies of 100M ids must not be unpickled per block)."""
+    import os
+
+    from pipeline.data import _fetched
+
+    spec = from_dict(DatasetSpec, TINY)
+    ref = ray_local.put(Preprocessor.fit(read_split(tiny_ds, "train", spec), spec))
+
+    def probe(batch):
+        return {"pid": [os.getpid()], "object": [id(_fetched(ref))]}
+    rows = ray_local.data.range(40, override_num_blocks=40).map_batches(probe, batch_size=None).take_all()
+    assert len(rows) == 40
+    per_process = {}
+    for r in rows:
+        per_process.setdefault(r["pid"], set()).add(r["object"])
+    assert all(len(objects) == 1 for objects in per_process.values()), per_process
+    assert len(per_process) < 40  # processes ran several tasks each
 
 
 def test_drop_policy_marks_bad_rows_and_fits_without_them(ray_local):
