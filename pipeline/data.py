@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,12 +35,10 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline.config import DatasetSpec, TrainConfig
 from pipeline.features import as_floats
-from pipeline.validate import bad_row_masks, split_files
+from pipeline.validate import Piece, bad_row_masks, cluster_cpus, parquet_pieces, split_files
 
-FIT_BATCH_ROWS = 65_536
 IDS = np.int32  # encoded ids
 KEEP = "_keep"  # the column marking a row good under on_bad_rows: drop
-_REDUCE_EVERY = 2_000_000  # merge partial value counts once this many (value, count) pairs pile up
 
 
 @dataclass
@@ -62,38 +59,31 @@ class Preprocessor:
     # ------------------------------------------------------------------ fit
 
     @staticmethod
-    def fit(train: ray.data.Dataset, spec: DatasetSpec, drop_bad_rows: bool = False) -> "Preprocessor":
-        vocab_tables = {n for n, t in spec.tables.items() if t.encoding == "vocab"}
-        counts: dict[str, list[pa.Table]] = {t: [] for t in vocab_tables}
-        pending = dict.fromkeys(vocab_tables, 0)
-        dense_sum = np.zeros(len(spec.dense))
-        dense_sq = np.zeros(len(spec.dense))
-        rows = 0
-        for batch in train.iter_batches(batch_size=FIT_BATCH_ROWS, batch_format="pyarrow"):
-            if drop_bad_rows and (masks := bad_row_masks(batch, spec)):  # fit on the rows that will train
-                batch = batch.filter(pa.array(~np.logical_or.reduce([m for *_, m in masks])))
-            rows += batch.num_rows
-            for f in spec.id_features:
-                if f.table_name not in vocab_tables:
-                    continue
-                vc = pc.value_counts(f.raw_ids(batch[f.name].combine_chunks()))
-                counts[f.table_name].append(pa.table({"value": vc.field("values"), "count": vc.field("counts")}))
-                pending[f.table_name] += len(vc)
-                if pending[f.table_name] > _REDUCE_EVERY:
-                    counts[f.table_name] = [_merge_counts(counts[f.table_name])]
-                    pending[f.table_name] = len(counts[f.table_name][0])
-            for j, d in enumerate(spec.dense):
-                v = d.values(batch[d.name])
-                dense_sum[j] += v.sum()
-                dense_sq[j] += np.square(v).sum()
+    def fit(path: str, spec: DatasetSpec, drop_bad_rows: bool = False) -> "Preprocessor":
+        """Fit on the train split of ``path`` in one pass of Ray tasks, one per piece of row groups
+        (``fit_piece``). Each task counts its pieces' vocabulary values, hash-partitioned into as many parts as
+        the cluster has CPUs, and sums its dense values and their squares. One task per (table, part) reduces
+        that part's counts over all pieces to its top ``num_rows - 1`` values (``top_counts``); the driver
+        merges those lists, which is exact because a value lives in one part, and adds up the moments. So the
+        driver never holds the log's rows or its full value counts, only the vocabularies kept."""
+        fs, files = split_files(path, "train")
+        parts = cluster_cpus()
+        tables = sorted(n for n, t in spec.tables.items() if t.encoding == "vocab")
+        fit = ray.remote(fit_piece).options(num_returns=1 + len(tables) * parts)
+        outs = [fit.remote(fs, piece, spec, tables, parts, drop_bad_rows)
+                for piece in parquet_pieces(fs, files, min_pieces=parts)]
+        outs = [o if isinstance(o, list) else [o] for o in outs]
+        reduce = ray.remote(top_counts)
+        tops = {t: [reduce.remote(spec.tables[t].num_rows - 1, *[o[1 + i * parts + r] for o in outs]) for r in range(parts)]
+                for i, t in enumerate(tables)}
+        moments = ray.get([o[0] for o in outs])  # (rows, dense sums, dense sums of squares) per piece
+        rows = sum(m[0] for m in moments)
         if rows == 0:
-            raise ValueError("cannot fit preprocessing: the train split has no rows")
-        vocab = {}
-        for name, parts in counts.items():
-            merged = _merge_counts(parts).sort_by([("count", "descending"), ("value", "ascending")])
-            vocab[name] = merged["value"].combine_chunks()[: spec.tables[name].num_rows - 1]
-        mean = dense_sum / rows
-        std = np.sqrt(np.maximum(dense_sq / rows - mean**2, 0.0))
+            raise ValueError(f"cannot fit preprocessing: the train split of {path} has no rows")
+        vocab = {t: top_counts(spec.tables[t].num_rows - 1, *ray.get(refs))["value"].combine_chunks()
+                 for t, refs in tops.items()}
+        mean = sum(m[1] for m in moments) / rows
+        std = np.sqrt(np.maximum(sum(m[2] for m in moments) / rows - mean**2, 0.0))
         return Preprocessor(spec, vocab, mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32), rows,
                             drop_bad_rows)
 
@@ -181,45 +171,36 @@ def _int_lookup(values: np.ndarray) -> tuple:
     return lo, None, values[order], rows[order]
 
 
-def _merge_counts(parts: list[pa.Table]) -> pa.Table:
-    merged = pa.concat_tables(parts).group_by("value").aggregate([("count", "sum")])
-    return merged.rename_columns(["value", "count"])
+def fit_piece(fs: pafs.FileSystem, piece: Piece, spec: DatasetSpec, tables: list[str], parts: int,
+              drop_bad_rows: bool) -> list:
+    """One fit task: [(rows, dense sums, dense sums of squares)] + for each vocabulary table in ``tables``,
+    ``parts`` tables of (value, count), the piece's value counts partitioned by the values' hash. Under
+    ``drop_bad_rows`` the bad rows are left out, as training leaves them out."""
+    columns = (spec.feature_columns + spec.label_columns if drop_bad_rows else
+               [f.name for f in spec.id_features if f.table_name in tables] + [d.name for d in spec.dense])
+    batch = pq.ParquetFile(fs.open_input_file(piece.path)).read_row_groups(list(piece.row_groups),
+                                                                           columns=list(dict.fromkeys(columns)))
+    if drop_bad_rows and (masks := bad_row_masks(batch, spec)):
+        batch = batch.filter(pa.array(~np.logical_or.reduce([m for *_, m in masks])))
+    out: list = []
+    for t in tables:
+        ids = [f.raw_ids(batch[f.name].combine_chunks()) for f in spec.id_features if f.table_name == t]
+        vc = pc.value_counts(pa.concat_arrays(ids) if len(ids) > 1 else ids[0])
+        values, counts = vc.field("values"), vc.field("counts")
+        raw = values.to_numpy(zero_copy_only=False)
+        part = pd.util.hash_array(raw.astype(object) if raw.dtype.kind in "OU" else raw) % np.uint64(parts)
+        out += [pa.table({"value": values.filter(pa.array(part == r)), "count": counts.filter(pa.array(part == r))})
+                for r in range(parts)]
+    dense = np.stack([d.values(batch[d.name]) for d in spec.dense]) if spec.dense else np.zeros((0, batch.num_rows))
+    out.insert(0, (batch.num_rows, dense.sum(axis=1, dtype=np.float64), np.square(dense, dtype=np.float64).sum(axis=1)))
+    return out if len(out) > 1 else out[0]
 
 
-PIECE_ROWS = 262_144  # a read task's rows at most, where the row groups allow: bounded blocks, early first batch
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A run of consecutive row groups of one Parquet file: one read task, and one block onward."""
-
-    path: str
-    row_groups: tuple[int, ...]
-    rows: int
-
-
-def parquet_pieces(fs: pafs.FileSystem, files: list[str], min_pieces: int = 1, threads: int = 8) -> list[Piece]:
-    """The files cut at row-group boundaries into pieces of at most ``PIECE_ROWS`` rows, and into at least
-    ``min_pieces`` (the split's consumers, times 2) where the row groups allow, so how a log was written into
-    files does not decide how many workers it feeds: a one-file split of several row groups feeds them all.
-    Reads only the files' footers."""
-    def groups(path: str) -> list[int]:
-        md = pq.ParquetFile(fs.open_input_file(path)).metadata
-        return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-    with ThreadPoolExecutor(max_workers=threads) as pool:  # footers: I/O, one request each on object storage
-        sizes = list(pool.map(groups, files))
-    target = max(1, min(PIECE_ROWS, -(-sum(map(sum, sizes)) // max(1, min_pieces))))
-    pieces = []
-    for path, rows in zip(files, sizes):
-        run: list[int] = []
-        for i, n in enumerate(rows):
-            if run and sum(rows[j] for j in run) + n > target:
-                pieces.append(Piece(path, tuple(run), sum(rows[j] for j in run)))
-                run = []
-            run.append(i)
-        if run:
-            pieces.append(Piece(path, tuple(run), sum(rows[j] for j in run)))
-    return pieces
+def top_counts(k: int, *parts: pa.Table) -> pa.Table:
+    """The ``k`` most frequent values of the (value, count) tables, summed per value; ties by value."""
+    merged = pa.concat_tables(parts, promote_options="permissive").group_by("value").aggregate([("count", "sum")])
+    merged = merged.rename_columns(["value", "count"])
+    return merged.sort_by([("count", "descending"), ("value", "ascending")]).slice(0, k)
 
 
 def read_pieces(batch: pa.Table, fs: pafs.FileSystem, columns: list[str]) -> pa.Table:

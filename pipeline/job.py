@@ -185,7 +185,7 @@ def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) ->
         with fs.open_input_stream(path) as f:
             saved = torch.load(io.BytesIO(f.read()), weights_only=True)
         return Preprocessor.from_state_dict(saved["state"], spec, drop), path
-    pre = Preprocessor.fit(read_split(job.data.path, "train", spec), spec, drop)
+    pre = Preprocessor.fit(job.data.path, spec, drop)
     fs.create_dir(f"{root}/preprocessors", recursive=True)
     buf = io.BytesIO()
     torch.save({"data_path": job.data.path, "state": pre.state_dict()}, buf)
