@@ -35,7 +35,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline.config import DatasetSpec, TrainConfig
 from pipeline.features import as_floats
-from pipeline.validate import Piece, bad_row_masks, cluster_cpus, parquet_pieces, split_files
+from pipeline.validate import TASK_OPTIONS, Piece, bad_row_masks, cluster_cpus, parquet_pieces, split_files
 
 IDS = np.int32  # encoded ids
 KEEP = "_keep"  # the column marking a row good under on_bad_rows: drop
@@ -69,11 +69,11 @@ class Preprocessor:
         fs, files = split_files(path, "train")
         parts = cluster_cpus()
         tables = sorted(n for n, t in spec.tables.items() if t.encoding == "vocab")
-        fit = ray.remote(fit_piece).options(num_returns=1 + len(tables) * parts)
+        fit = ray.remote(fit_piece).options(**TASK_OPTIONS, num_returns=1 + len(tables) * parts)
         outs = [fit.remote(fs, piece, spec, tables, parts, drop_bad_rows)
                 for piece in parquet_pieces(fs, files, min_pieces=parts)]
         outs = [o if isinstance(o, list) else [o] for o in outs]
-        reduce = ray.remote(top_counts)
+        reduce = ray.remote(top_counts).options(**TASK_OPTIONS)
         tops = {t: [reduce.remote(spec.tables[t].num_rows - 1, *[o[1 + i * parts + r] for o in outs]) for r in range(parts)]
                 for i, t in enumerate(tables)}
         moments = ray.get([o[0] for o in outs])  # (rows, dense sums, dense sums of squares) per piece

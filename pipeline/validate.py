@@ -162,6 +162,11 @@ def validate_dataset(path: str, spec: DatasetSpec, splits=SPLITS, on_bad_rows: s
     return report
 
 
+# The stage's Ray tasks spread over the nodes, as Ray Data's do. SPREAD also keeps them out of the caller's
+# placement group, which a Tune trial's driver would otherwise hand them, and whose bundles have no CPU.
+TASK_OPTIONS = {"scheduling_strategy": "SPREAD"}
+
+
 def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 4
 
@@ -171,7 +176,7 @@ def run_tasks(fn, calls: list[tuple], **options) -> list:
     cluster's CPUs; the driver receives only the results), else in this process's threads (the converter).
     A DataValidationError raised in a task is raised as it is."""
     if ray.is_initialized():
-        task = ray.remote(fn).options(**options)
+        task = ray.remote(fn).options(**TASK_OPTIONS, **options)
         try:
             return ray.get([task.remote(*args) for args in calls])
         except ray.exceptions.RayTaskError as e:
