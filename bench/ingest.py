@@ -67,7 +67,7 @@ def main() -> None:
     rows = []
     for n in a.rows:
         data = str(default_synthetic_data({"train": n, "valid": max(n // 10, 1000), "test": max(n // 10, 1000)}))
-        pre = fit_or_load_preprocessor(JobConfig(data=DataPaths(data, str(SPEC_PATH))), spec, a.out)
+        pre, _ = fit_or_load_preprocessor(JobConfig(data=DataPaths(data, str(SPEC_PATH))), spec, a.out)
         _, files = split_files(data, "train")
         for what, ray_batches, arrow_batches in [
             ("raw columns", lambda: read_split(data, "train", spec).select_columns(cols).iter_torch_batches(

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         columns=a.columns.split(",") if a.columns else [], sep=a.sep, comment=a.comment, name=a.name)
     _, report = convert({"train": a.train, "valid": a.valid, "test": a.test}, a.out, cfg)
     print(format_report(report))
-    print(f"wrote {a.out}/{{train,valid,test}}/part-00000.parquet and {a.out}/spec.yaml; train with:\n"
+    print(f"wrote {a.out}/{{train,valid,test}}/part-*.parquet and {a.out}/spec.yaml; train with:\n"
           f"  python jobs/train_ple.py --data {a.out} --spec {a.out}/spec.yaml")
     return report
 

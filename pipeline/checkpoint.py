@@ -16,11 +16,18 @@ import pyarrow.fs as pafs
 import torch
 
 STATE_FILE = "state.pt"
+PREPROCESSOR_FILE = "preprocessor.pt"  # the run's preprocessing state, as fit_or_load_preprocessor saved it
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) of a local path or a URI such as s3://bucket/prefix."""
     return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+
+
+def copy_file(uri: str, target: Path) -> None:
+    """A file of the storage (local path or URI) to a local path."""
+    fs, path = filesystem(uri)
+    pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
 def save_state(directory: str | Path, state: dict[str, Any]) -> None:

@@ -11,6 +11,10 @@ dataset spec YAML, with no code (``jobs/convert.py``; see docs/bring-your-own-da
 - Every rewrite of a value is counted per column in the report: strings are stripped; empty and ``?``
   strings (and nulls) in id columns become the category ``<missing>``. NaN in a dense column is refused
   with the file, the column and the count (the pipeline refuses NaN), unless a fill value is given.
+- Layout, for parallel reading: files of at most ``FILE_ROWS`` rows, each in row groups of
+  ``row_group_rows(n)`` rows (16 per file, between 4,096 and 65,536 rows). The pipeline reads a split in
+  pieces of whole row groups (``pipeline.data.parquet_pieces``), so even a one-file split of 100k rows feeds
+  8 readers and every Train worker. The report gives the files and row groups per split.
 - The output is checked with ``pipeline.validate.validate_dataset``, so a bad conversion fails at once.
 """
 from __future__ import annotations
@@ -31,6 +35,14 @@ from pipeline.validate import SPLITS, DataValidationError, validate_dataset
 
 MISSING = "<missing>"
 SOURCE = "__source_file__"  # each row's input file, for error messages; never written
+FILE_ROWS = 1_048_576  # rows per written file at most
+ROW_GROUPS_PER_FILE, MIN_GROUP_ROWS, MAX_GROUP_ROWS = 16, 4_096, 65_536
+
+
+def row_group_rows(n: int) -> int:
+    """Rows per row group of a file of ``n`` rows: 16 groups, clamped to 4,096..65,536 rows (smaller groups
+    cost Parquet's compression and scan speed; larger ones limit how finely a file can be split)."""
+    return int(np.clip(-(-n // ROW_GROUPS_PER_FILE), MIN_GROUP_ROWS, MAX_GROUP_ROWS))
 
 
 class ConvertError(ValueError):
@@ -62,7 +74,7 @@ class ConvertConfig:
 
 
 def convert(inputs: dict[str, list[str | Path]], out_dir: str | Path, cfg: ConvertConfig) -> tuple[DatasetSpec, dict]:
-    """Read ``inputs`` (split -> files), write ``out_dir/{train,valid,test}/part-00000.parquet`` and
+    """Read ``inputs`` (split -> files), write ``out_dir/{train,valid,test}/part-NNNNN.parquet`` and
     ``out_dir/spec.yaml``, validate them; returns the spec and a report (rows, positive rates, features
     by kind, value rewrites per column)."""
     out_dir = Path(out_dir)
@@ -90,7 +102,7 @@ def convert(inputs: dict[str, list[str | Path]], out_dir: str | Path, cfg: Conve
     splits = _split(frames, cfg)
     spec_raw = _spec_dict(splits["train"], features, kinds, tasks, cfg, out_dir)
     spec = from_dict(DatasetSpec, spec_raw)
-    _write(splits, features + tasks, inputs, out_dir)
+    layout = _write(splits, features + tasks, out_dir)
     description = cfg.description or "made by pipeline.convert from " + "; ".join(
         f"{s}: {', '.join(map(str, fs))}" for s, fs in inputs.items() if fs)
     (out_dir / "spec.yaml").write_text(
@@ -106,6 +118,7 @@ def convert(inputs: dict[str, list[str | Path]], out_dir: str | Path, cfg: Conve
         "positive_rate": {s: {t: round(float(df[t].mean()), 4) for t in tasks} for s, df in splits.items()},
         "features": {k: [c for c in features if kinds[c] == k] for k in ("sparse", "sequence", "dense")},
         "rewrites": {c: dict(+n) for c, n in rewrites.items()},
+        "layout": layout,
     }
     return spec, report
 
@@ -123,6 +136,8 @@ def format_report(report: dict) -> str:
     lines += [f"  {s}: {rates}" for s, rates in report["positive_rate"].items()]
     lines += [f"{k} features ({len(cols)}): {', '.join(cols)}" for k, cols in report["features"].items() if cols]
     lines += [f"rewritten values in {c!r}: {counts}" for c, counts in report["rewrites"].items()]
+    lines += [f"{s}: {n['files']} file(s), {n['row_groups']} row groups of up to {n['row_group_rows']} rows"
+              for s, n in report["layout"].items()]
     return "\n".join(lines)
 
 
@@ -279,12 +294,23 @@ def _spec_dict(train: pd.DataFrame, features: list[str], kinds: dict[str, str], 
     return {k: v for k, v in spec.items() if v != []}
 
 
-def _write(splits: dict[str, pd.DataFrame], columns: list[str], inputs: dict[str, list], out_dir: Path) -> None:
-    sources = {Path(f).resolve() for files in inputs.values() for f in files}
+def _write(splits: dict[str, pd.DataFrame], columns: list[str], out_dir: Path) -> dict:
+    """Each split as ``part-NNNNN.parquet`` files of at most ``FILE_ROWS`` rows; returns the layout per split
+    (files, row groups, rows per group)."""
+    layout = {}
     for split, df in splits.items():
-        target = out_dir / split / "part-00000.parquet"
-        others = [p for p in target.parent.glob("*.parquet") if p.name != target.name]
-        if others or target.resolve() in sources:
-            raise ConvertError(f"{target.parent} holds input or other Parquet files ({others or target}): choose a new output directory")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pandas(df[columns], preserve_index=False), target)
+        parent = out_dir / split
+        existing = list(parent.glob("*.parquet"))
+        if existing:
+            raise ConvertError(f"{parent} already holds Parquet files (inputs or an earlier conversion: {existing}): "
+                               "choose a new output directory")
+        parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pandas(df[columns], preserve_index=False)
+        starts = range(0, max(len(table), 1), FILE_ROWS)
+        group = row_group_rows(min(len(table), FILE_ROWS))
+        for k, start in enumerate(starts):
+            target = parent / f"part-{k:05d}.parquet"
+            pq.write_table(table.slice(start, FILE_ROWS), target, row_group_size=group)
+        groups = sum(pq.ParquetFile(parent / f"part-{k:05d}.parquet").num_row_groups for k in range(len(starts)))
+        layout[split] = {"files": len(starts), "row_groups": groups, "row_group_rows": group}
+    return layout

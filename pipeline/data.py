@@ -1,9 +1,9 @@
 """Ray Data ingest: Parquet splits -> preprocessing fit on train -> model-ready tensor batches.
 
-The data path is one straight line: ``read_parquet`` (column selection, file order shuffled per epoch for
-train) -> ``map_batches(Preprocessor.transform)`` fused into the read task (train: rows permuted within
-windows of each block) -> streaming split across Train workers -> ``tensor_batches``. Nothing is
-materialised: each epoch re-streams the files.
+The data path is one straight line: a Parquet read per piece of row groups (column selection, piece order
+shuffled per epoch for train) -> ``map_batches(Preprocessor.transform)`` fused into the read task (train: rows
+permuted within windows of each block) -> streaming split across Train workers -> ``tensor_batches``. Nothing
+is materialised: each epoch re-streams the files.
 
 A transformed block holds one column per feature, encoded by its feature class (``pipeline.features``):
     <id feature>       int32         table-local index, 0 = out of vocabulary (int32: half the bytes of int64
@@ -19,6 +19,7 @@ dense, label and oracle tensors.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,18 +27,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray.data
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline.config import DatasetSpec, TrainConfig
 from pipeline.features import as_floats
-from pipeline.validate import bad_row_masks, split_files
+from pipeline.validate import TASK_OPTIONS, Piece, bad_row_masks, cluster_cpus, parquet_pieces, split_files
 
-FIT_BATCH_ROWS = 65_536
 IDS = np.int32  # encoded ids
 KEEP = "_keep"  # the column marking a row good under on_bad_rows: drop
-_REDUCE_EVERY = 2_000_000  # merge partial value counts once this many (value, count) pairs pile up
 
 
 @dataclass
@@ -58,38 +59,31 @@ class Preprocessor:
     # ------------------------------------------------------------------ fit
 
     @staticmethod
-    def fit(train: ray.data.Dataset, spec: DatasetSpec, drop_bad_rows: bool = False) -> "Preprocessor":
-        vocab_tables = {n for n, t in spec.tables.items() if t.encoding == "vocab"}
-        counts: dict[str, list[pa.Table]] = {t: [] for t in vocab_tables}
-        pending = dict.fromkeys(vocab_tables, 0)
-        dense_sum = np.zeros(len(spec.dense))
-        dense_sq = np.zeros(len(spec.dense))
-        rows = 0
-        for batch in train.iter_batches(batch_size=FIT_BATCH_ROWS, batch_format="pyarrow"):
-            if drop_bad_rows and (masks := bad_row_masks(batch, spec)):  # fit on the rows that will train
-                batch = batch.filter(pa.array(~np.logical_or.reduce([m for *_, m in masks])))
-            rows += batch.num_rows
-            for f in spec.id_features:
-                if f.table_name not in vocab_tables:
-                    continue
-                vc = pc.value_counts(f.raw_ids(batch[f.name].combine_chunks()))
-                counts[f.table_name].append(pa.table({"value": vc.field("values"), "count": vc.field("counts")}))
-                pending[f.table_name] += len(vc)
-                if pending[f.table_name] > _REDUCE_EVERY:
-                    counts[f.table_name] = [_merge_counts(counts[f.table_name])]
-                    pending[f.table_name] = len(counts[f.table_name][0])
-            for j, d in enumerate(spec.dense):
-                v = d.values(batch[d.name])
-                dense_sum[j] += v.sum()
-                dense_sq[j] += np.square(v).sum()
+    def fit(path: str, spec: DatasetSpec, drop_bad_rows: bool = False) -> "Preprocessor":
+        """Fit on the train split of ``path`` in one pass of Ray tasks, one per piece of row groups
+        (``fit_piece``). Each task counts its pieces' vocabulary values, hash-partitioned into as many parts as
+        the cluster has CPUs, and sums its dense values and their squares. One task per (table, part) reduces
+        that part's counts over all pieces to its top ``num_rows - 1`` values (``top_counts``); the driver
+        merges those lists, which is exact because a value lives in one part, and adds up the moments. So the
+        driver never holds the log's rows or its full value counts, only the vocabularies kept."""
+        fs, files = split_files(path, "train")
+        parts = cluster_cpus()
+        tables = sorted(n for n, t in spec.tables.items() if t.encoding == "vocab")
+        fit = ray.remote(fit_piece).options(**TASK_OPTIONS, num_returns=1 + len(tables) * parts)
+        outs = [fit.remote(fs, piece, spec, tables, parts, drop_bad_rows)
+                for piece in parquet_pieces(fs, files, min_pieces=parts)]
+        outs = [o if isinstance(o, list) else [o] for o in outs]
+        reduce = ray.remote(top_counts).options(**TASK_OPTIONS)
+        tops = {t: [reduce.remote(spec.tables[t].num_rows - 1, *[o[1 + i * parts + r] for o in outs]) for r in range(parts)]
+                for i, t in enumerate(tables)}
+        moments = ray.get([o[0] for o in outs])  # (rows, dense sums, dense sums of squares) per piece
+        rows = sum(m[0] for m in moments)
         if rows == 0:
-            raise ValueError("cannot fit preprocessing: the train split has no rows")
-        vocab = {}
-        for name, parts in counts.items():
-            merged = _merge_counts(parts).sort_by([("count", "descending"), ("value", "ascending")])
-            vocab[name] = merged["value"].combine_chunks()[: spec.tables[name].num_rows - 1]
-        mean = dense_sum / rows
-        std = np.sqrt(np.maximum(dense_sq / rows - mean**2, 0.0))
+            raise ValueError(f"cannot fit preprocessing: the train split of {path} has no rows")
+        vocab = {t: top_counts(spec.tables[t].num_rows - 1, *ray.get(refs))["value"].combine_chunks()
+                 for t, refs in tops.items()}
+        mean = sum(m[1] for m in moments) / rows
+        std = np.sqrt(np.maximum(sum(m[2] for m in moments) / rows - mean**2, 0.0))
         return Preprocessor(spec, vocab, mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32), rows,
                             drop_bad_rows)
 
@@ -177,39 +171,84 @@ def _int_lookup(values: np.ndarray) -> tuple:
     return lo, None, values[order], rows[order]
 
 
-def _merge_counts(parts: list[pa.Table]) -> pa.Table:
-    merged = pa.concat_tables(parts).group_by("value").aggregate([("count", "sum")])
-    return merged.rename_columns(["value", "count"])
+def fit_piece(fs: pafs.FileSystem, piece: Piece, spec: DatasetSpec, tables: list[str], parts: int,
+              drop_bad_rows: bool) -> list:
+    """One fit task: [(rows, dense sums, dense sums of squares)] + for each vocabulary table in ``tables``,
+    ``parts`` tables of (value, count), the piece's value counts partitioned by the values' hash. Under
+    ``drop_bad_rows`` the bad rows are left out, as training leaves them out."""
+    columns = (spec.feature_columns + spec.label_columns if drop_bad_rows else
+               [f.name for f in spec.id_features if f.table_name in tables] + [d.name for d in spec.dense])
+    batch = pq.ParquetFile(fs.open_input_file(piece.path)).read_row_groups(list(piece.row_groups),
+                                                                           columns=list(dict.fromkeys(columns)))
+    if drop_bad_rows and (masks := bad_row_masks(batch, spec)):
+        batch = batch.filter(pa.array(~np.logical_or.reduce([m for *_, m in masks])))
+    out: list = []
+    for t in tables:
+        ids = [f.raw_ids(batch[f.name].combine_chunks()) for f in spec.id_features if f.table_name == t]
+        vc = pc.value_counts(pa.concat_arrays(ids) if len(ids) > 1 else ids[0])
+        values, counts = vc.field("values"), vc.field("counts")
+        raw = values.to_numpy(zero_copy_only=False)
+        part = pd.util.hash_array(raw.astype(object) if raw.dtype.kind in "OU" else raw) % np.uint64(parts)
+        out += [pa.table({"value": values.filter(pa.array(part == r)), "count": counts.filter(pa.array(part == r))})
+                for r in range(parts)]
+    dense = np.stack([d.values(batch[d.name]) for d in spec.dense]) if spec.dense else np.zeros((0, batch.num_rows))
+    out.insert(0, (batch.num_rows, dense.sum(axis=1, dtype=np.float64), np.square(dense, dtype=np.float64).sum(axis=1)))
+    return out if len(out) > 1 else out[0]
 
 
-def read_split(path: str, split: str, spec: DatasetSpec, shuffle_files: bool = False) -> ray.data.Dataset:
-    """The raw columns the spec needs (plus oracle columns on evaluation splits), streamed from Parquet."""
+def top_counts(k: int, *parts: pa.Table) -> pa.Table:
+    """The ``k`` most frequent values of the (value, count) tables, summed per value; ties by value."""
+    merged = pa.concat_tables(parts, promote_options="permissive").group_by("value").aggregate([("count", "sum")])
+    merged = merged.rename_columns(["value", "count"])
+    return merged.sort_by([("count", "descending"), ("value", "ascending")]).slice(0, k)
+
+
+def read_pieces(batch: pa.Table, fs: pafs.FileSystem, columns: list[str]) -> pa.Table:
+    """A read task: the ``columns`` of the block's pieces (a block holds one), read with pyarrow."""
+    return pa.concat_tables([pq.ParquetFile(fs.open_input_file(path)).read_row_groups(list(groups), columns=columns)
+                             for path, groups in zip(batch["path"].to_pylist(), batch["row_groups"].to_pylist())])
+
+
+def read_split(path: str, split: str, spec: DatasetSpec, shuffle_files: bool = False,
+               workers: int = 1) -> ray.data.Dataset:
+    """The raw columns the spec needs (plus oracle columns on evaluation splits), streamed from Parquet: one
+    read task per piece of row groups (``parquet_pieces``), in a new random order every execution (every
+    epoch) with ``shuffle_files``. Ray's ``read_parquet`` splits a read only between files (one task and
+    block per file here: its default of >= 200 small blocks cost more to pass on than the read itself, 1M rows
+    1.6 s -> 0.6 s), so a one-file split went to one worker. ``workers``: the split's consumers."""
     fs, files = split_files(path, split)
     columns = spec.feature_columns + spec.label_columns
     if split != "train":
         columns += list(spec.oracle.values())
-    # one read task and block per file: by default Ray cuts the read into >= 200 blocks (50 per file of the
-    # default log), and the small blocks cost more to pass on than the read itself (1M rows: 1.6 s -> 0.6 s)
-    ds = ray.data.read_parquet(files, filesystem=fs, shuffle="files" if shuffle_files else None,
-                               override_num_blocks=len(files))
-    return ds.select_columns(columns)  # pushed down into the Parquet reader
+    pieces = parquet_pieces(fs, files, min_pieces=2 * workers)
+    if len(pieces) < workers:
+        warnings.warn(f"{path}: split {split!r} is {len(files)} file(s) of {len(pieces)} row group(s) in all, fewer than "
+                      f"its {workers} workers: some stay idle. Write it in more row groups (jobs/convert.py "
+                      "does) or files.", stacklevel=2)
+    ds = ray.data.from_items([{"path": p.path, "row_groups": list(p.row_groups)} for p in pieces],
+                             override_num_blocks=len(pieces))
+    if shuffle_files:
+        ds = ds.randomize_block_order()  # unseeded: a new order each time the dataset executes
+    return ds.map_batches(read_pieces, fn_kwargs={"fs": fs, "columns": columns}, batch_format="pyarrow",
+                          batch_size=None)
 
 
 def build_datasets(path: str, spec: DatasetSpec, preprocessor: Preprocessor, splits=("train", "valid", "test"),
-                   shuffle_window: int = TrainConfig.shuffle_window) -> dict[str, ray.data.Dataset]:
+                   shuffle_window: int = TrainConfig.shuffle_window, workers: int = 1) -> dict[str, ray.data.Dataset]:
     """Model-ready datasets per split. Train files are read in a new random order every epoch and the rows
-    of every ``shuffle_window`` rows of a read block are permuted, by the Data tasks.
+    of every ``shuffle_window`` rows of a read block are permuted, by the Data tasks. Each split is read in at
+    least ``2 * workers`` pieces where its row groups allow (``parquet_pieces``).
 
-    The preprocessing takes whole read blocks (``batch_size=None``: a file each, or Ray's target block size of
-    a larger file), so Ray fuses it into the read task: one task reads and preprocesses a file. A batch size
+    The preprocessing takes whole read blocks (``batch_size=None``: a piece each, or Ray's target block size of
+    a larger piece), so Ray fuses it into the read task: one task reads and preprocesses a piece. A batch size
     stops that fusion (Ray cannot tell how many rows a read yields), which cost ingest 25 % here: every block
     went through the object store between two tasks (bench/results/ingest.md)."""
+    shared = ray.put(preprocessor)  # once: every Data task fetches it from the object store, once per process
     out = {}
     for split in splits:
-        train = split == "train" and shuffle_window > 0
-        out[split] = read_split(path, split, spec, shuffle_files=(split == "train")).map_batches(
-            PermutedTransform(preprocessor, shuffle_window) if train else preprocessor.transform,
-            batch_format="pyarrow", batch_size=None)
+        window = shuffle_window if split == "train" else 0
+        out[split] = read_split(path, split, spec, shuffle_files=(split == "train"), workers=workers).map_batches(
+            Preprocess(shared, window), batch_format="pyarrow", batch_size=None)
     return out
 
 
@@ -290,16 +329,38 @@ def empty_rows(spec: DatasetSpec, rows: int = 0) -> pa.Table:
                     | {c: pa.array(np.zeros(rows, np.float32)) for c in spec.label_columns})
 
 
-class PermutedTransform:
-    """The preprocessing, then a random permutation of the rows within every ``window`` rows of the block:
-    the within-file part of the per-epoch shuffle, done by the Data tasks. (Ray's local shuffle buffer does
-    it on the training worker, where it cost 13 % of PLE's training throughput on 2 cores; docs/NOTES.md.)"""
+_FETCHED: dict[str, Preprocessor] = {}  # object id -> its preprocessor, fetched once in this process
+_FETCHED_MAX = 4  # the latest few (Tune trials share the worker processes, each with its own object)
 
-    def __init__(self, preprocessor: Preprocessor, window: int) -> None:
+
+def _fetched(preprocessor: "Preprocessor | ray.ObjectRef") -> Preprocessor:
+    if not isinstance(preprocessor, ray.ObjectRef):
+        return preprocessor
+    key = preprocessor.hex()
+    if key not in _FETCHED:
+        while len(_FETCHED) >= _FETCHED_MAX:
+            del _FETCHED[next(iter(_FETCHED))]  # the oldest
+        _FETCHED[key] = ray.get(preprocessor)
+    return _FETCHED[key]
+
+
+class Preprocess:
+    """A Data task's preprocessing: ``Preprocessor.transform``, then (``window`` > 0) a random permutation of
+    the rows within every ``window`` rows of the block, the within-file part of the per-epoch shuffle. (Ray's
+    local shuffle buffer does that on the training worker, where it cost 13 % of PLE's training throughput on
+    2 cores; docs/NOTES.md.)
+
+    Given an object store reference, it fetches and deserialises the state (the vocabularies) once per process
+    and keeps its integer lookups there, instead of once per task as a state carried in the task's function
+    is."""
+
+    def __init__(self, preprocessor: "Preprocessor | ray.ObjectRef", window: int = 0) -> None:
         self.preprocessor, self.window = preprocessor, window
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = self.preprocessor.transform(batch)
+        out = _fetched(self.preprocessor).transform(batch)
+        if self.window <= 0:
+            return out
         rng = np.random.default_rng()  # fresh entropy: a new order every epoch
         order = np.arange(batch.num_rows)
         for start in range(0, batch.num_rows, self.window):

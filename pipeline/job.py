@@ -2,13 +2,16 @@
 launch the TorchTrainer and write the run's outputs (metrics.json, config.yaml, checkpoint/)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +64,9 @@ class ExactSplitDataConfig(DataConfig):
         Only the first worker group takes them, and only when all its workers are on this node (for which
         they were split with locality hints): ``configure`` (called per dataset) takes a dataset's shards by
         removing its claim file, so a worker group restarted after a failure (whose predecessor may have
-        left a split's epoch barrier half passed) gets fresh splits, as does one on other nodes.
-        ``release_splits`` drops the unclaimed ones."""
+        left a split's epoch barrier half passed) gets fresh splits, as does one on other nodes: that one ends
+        the started coordinators at once (``_take_started``), so none idles until the run's end.
+        ``release_splits`` ends the rest."""
         node, split = ray.get_runtime_context().get_node_id(), self._split_names(datasets)
         self._started = {name: self._split(name, ds, world_size, [node] * world_size)
                          for name, ds in datasets.items() if name in split}
@@ -98,13 +102,19 @@ class ExactSplitDataConfig(DataConfig):
         return output
 
     def _take_started(self, name: str, world_size: int, worker_node_ids: list[str]) -> list | None:
-        if name not in self._started or {(node, world_size) for node in worker_node_ids} != {self._started_for}:
+        """The started shards of this dataset if this worker group can take them, else None; started shards
+        that no worker group can take any more (this one is on other nodes) are ended here, not at the end."""
+        if name not in self._started:
             return None
         try:
-            os.unlink(self._claims[name])  # atomic: one taker
-        except FileNotFoundError:  # taken by an earlier worker group, or this is another node
+            os.unlink(self._claims[name])  # atomic: one taker, or one to end them
+        except FileNotFoundError:  # taken or ended by an earlier worker group, or this is another node
             return None
-        return self._started[name]
+        if {(node, world_size) for node in worker_node_ids} == {self._started_for}:
+            return self._started[name]
+        # split with locality hints for the driver's node; their coordinator would idle until the run's end
+        ray.kill(self._started[name][0]._coord_actor, no_restart=True)  # private: see release_splits
+        return None
 
     def _split_names(self, datasets) -> set[str]:
         return set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
@@ -136,21 +146,30 @@ def connect_ray() -> None:
 
 
 def scaling_for_cluster(cfg: TrainConfig) -> tuple[ScalingConfig, int]:
-    """Size Train workers from the cluster's resources, keeping CPU headroom for Ray Data's read and
-    preprocessing tasks (2 workers x 1 CPU on a 2-CPU machine starves the data pipeline and hangs).
-    Returns the scaling config and the torch threads per worker."""
+    """Size Train workers from the cluster's nodes, keeping CPU headroom on every node for Ray Data's read and
+    preprocessing tasks (2 workers x 1 CPU on a 2-CPU machine starves the data pipeline and hangs; a Data task
+    takes 1 CPU, so a node with less than that free runs none). CPU workers are spread over the nodes, each
+    node's Data tasks feeding its own workers. Returns the scaling config and the torch threads per worker."""
     resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    gpus = resources.get("GPU", 0.0)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= 1
     if use_gpu:
         per_worker = {"CPU": cfg.cpus_per_worker or 1.0, "GPU": 1.0}
-    else:
-        data_headroom = max(1.0, 0.25 * cpus)
-        per_worker = {"CPU": cfg.cpus_per_worker or max(0.1, min(8.0, (cpus - data_headroom) / cfg.num_workers))}
+        return (ScalingConfig(num_workers=cfg.num_workers, use_gpu=True, resources_per_worker=per_worker),
+                max(1, int(per_worker["CPU"] + 0.5)))
+    node_cpus = [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0] or [1.0]
+    cpus = min(node_cpus)  # sized for the smallest node, so that any node can host its share
+    per_node = -(-cfg.num_workers // len(node_cpus))  # workers per node, spread evenly
+    data_headroom = max(1.0, 0.25 * cpus)
+    per_worker = {"CPU": cfg.cpus_per_worker or max(0.1, min(8.0, (cpus - data_headroom) / per_node))}
     # Ray's CPU reservation is logical; torch threads use physical cores. Data tasks mostly wait on I/O
-    # and are light next to the model, so a worker gets its share of all cores, not just its reservation.
-    threads = max(1, int(per_worker["CPU"] + 0.5)) if use_gpu else max(1, int(cpus // cfg.num_workers))
-    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker), threads
+    # and are light next to the model, so a worker gets its share of its node's cores, not just its reservation.
+    threads = max(1, int(cpus // per_node))
+    # one worker per node at most when there are enough nodes: STRICT_SPREAD, so that a worker group restarted
+    # after a node was lost waits for a node rather than packing two workers (and no Data headroom) onto one
+    strategy = "PACK" if len(node_cpus) == 1 else "STRICT_SPREAD" if per_node == 1 else "SPREAD"
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker=per_worker,
+                         placement_strategy=strategy), threads
 
 
 def default_synthetic_data(rows: dict[str, int] | None = None, seed: int = 0) -> Path:
@@ -173,18 +192,20 @@ def _storage(job: JobConfig) -> str:
     return str((Path(job.output) / "ray_results").resolve())
 
 
-def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) -> Preprocessor:
+def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) -> tuple[Preprocessor, str]:
     """Fit on the train split once per (data, spec) in this storage: a resumed run reuses the exact same
-    encoding, and the runs of a study or a Tune search over one dataset share one fit."""
+    encoding, and the runs of a study or a Tune search over one dataset share one fit. Returns it and the
+    path of its saved state (``torch.load(weights_only=True)``-able), which is what travels to the workers."""
     fs, root = filesystem(storage)
     drop = job.data.on_bad_rows == "drop"  # then the fit skips the bad rows: another fit
     key = hashlib.sha1(json.dumps([job.data.path, dataclasses.asdict(spec), drop], sort_keys=True).encode()).hexdigest()[:16]
     path = f"{root}/preprocessors/{key}.pt"
+    uri = f"{storage.rstrip('/')}/preprocessors/{key}.pt"  # what the workers open: s3:// kept
     if fs.get_file_info(path).type == pafs.FileType.File:
         with fs.open_input_stream(path) as f:
             saved = torch.load(io.BytesIO(f.read()), weights_only=True)
-        return Preprocessor.from_state_dict(saved["state"], spec, drop)
-    pre = Preprocessor.fit(read_split(job.data.path, "train", spec), spec, drop)
+        return Preprocessor.from_state_dict(saved["state"], spec, drop), uri
+    pre = Preprocessor.fit(job.data.path, spec, drop)
     fs.create_dir(f"{root}/preprocessors", recursive=True)
     buf = io.BytesIO()
     torch.save({"data_path": job.data.path, "state": pre.state_dict()}, buf)
@@ -192,7 +213,7 @@ def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) ->
     with fs.open_output_stream(tmp) as f:
         f.write(buf.getvalue())
     fs.move(tmp, path)
-    return pre
+    return pre, uri
 
 
 def check_resumable(job: JobConfig, storage: str) -> None:
@@ -230,21 +251,22 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         print(f"on_bad_rows: drop: leaving out {data.dropped} bad rows ({data.bad_rows})")
     storage = _storage(job)
     check_resumable(job, storage)
-    pre = fit_or_load_preprocessor(job, spec, storage)
+    pre, pre_path = fit_or_load_preprocessor(job, spec, storage)
     scaling, threads = scaling_for_cluster(job.train)
     threads_per_step = step_threads(job.train, threads, scaling.use_gpu, scaling.num_workers)
     check_table_optimizer(job.train.table_optimizer, scaling.use_gpu)
     print(f"workers: {scaling.num_workers} x {scaling.resources_per_worker} ({threads} torch threads each"
           + (f", each step split across {threads_per_step} threads)" if threads_per_step > 1 else ")"))
 
-    datasets = build_datasets(job.data.path, spec, pre, shuffle_window=job.train.shuffle_window)
+    datasets = build_datasets(job.data.path, spec, pre, shuffle_window=job.train.shuffle_window,
+                              workers=scaling.num_workers)
     data_config = ExactSplitDataConfig(buffer_bytes=job.train.data_buffer_mb * 2**20)
     data_config.start_splits(datasets, scaling.num_workers)
     restarts = RestartLog(storage, job.name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "job": job.to_dict(), "spec": _spec_dict(spec), "preprocessor": pre.state_dict(),
+            "job": job.to_dict(), "spec": _spec_dict(spec), "preprocessor": pre_path,
             "torch_threads": threads, "step_threads": threads_per_step, "code_version": code_version(),
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
@@ -259,13 +281,28 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         ),
     )
     try:
-        result = trainer.fit()
+        with _sigint_handler_restored():
+            result = trainer.fit()
     except Exception:
         print("\n".join(describe(restarts.read())))  # the failures before the one that ended the run
         raise
     finally:
         data_config.release_splits()
     return write_outputs(job, spec, result, data, restarts.read())
+
+
+@contextlib.contextmanager
+def _sigint_handler_restored():
+    """``TorchTrainer.fit`` leaves a SIGINT handler that holds the run's controller actor, and through it the
+    worker group's dataset manager and split coordinators (idle, their executors shut down), until the next
+    fit or the driver's exit. Putting the previous handler back lets them end with the run."""
+    main = threading.current_thread() is threading.main_thread()  # Tune runs fit in a thread: no handler
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result, data: DataReport,

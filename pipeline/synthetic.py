@@ -51,6 +51,7 @@ class SyntheticConfig:
     target_ctr: float = 0.08
     target_cvr: float = 0.12  # among clicks
     rows_per_file: int = 250_000
+    row_group_rows: int = 65_536  # Parquet row group size: the unit a split is cut into for parallel reading
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -213,7 +214,7 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig, workers: int = 2) -> Pat
         split_index, split, k, n = job
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, split_index, k]))
         table = pa.table(world.draw(rng, n))
-        pq.write_table(table, tmp / split / f"part-{k:05d}.parquet", row_group_size=65_536)
+        pq.write_table(table, tmp / split / f"part-{k:05d}.parquet", row_group_size=cfg.row_group_rows)
 
     # numpy and pyarrow release the GIL for the heavy parts, so threads overlap draw and write
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

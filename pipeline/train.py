@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import torch.distributed.checkpoint as dcp
 
-from pipeline.checkpoint import load_state, save_state
+from pipeline.checkpoint import PREPROCESSOR_FILE, copy_file, load_state, save_state
 from pipeline.config import ConfigError, DatasetSpec, JobConfig, TrainConfig, from_dict
 from pipeline.data import Collate, tensor_batches, to_device
 from pipeline.diagnostics import GateStats, merge_states, summarize
@@ -379,8 +379,9 @@ def _report(metrics: dict, rank: int, model, best_model: dict, state: dict, loop
     with tempfile.TemporaryDirectory() as d:
         save_sharded(d, model, best_model)
         if rank == 0:
-            save_state(d, {**state, "preprocessor": loop_config["preprocessor"], "job": loop_config["job"],
-                           "spec": loop_config["spec"], "code_version": loop_config["code_version"]})
+            save_state(d, {**state, "job": loop_config["job"], "spec": loop_config["spec"],
+                           "code_version": loop_config["code_version"]})
+            copy_file(loop_config["preprocessor"], Path(d) / PREPROCESSOR_FILE)
             summary = {"final": final, "metrics": metrics, "history": state["progress"]["history"]}
             (Path(d) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

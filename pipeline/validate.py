@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 
 from pipeline.config import DatasetSpec
 from pipeline.features import as_floats, null_mask, type_kind  # noqa: F401  (as_floats re-exported)
@@ -69,32 +70,121 @@ def split_files(path: str, split: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, files
 
 
-def validate_dataset(path: str, spec: DatasetSpec, splits=SPLITS, on_bad_rows: str = "fail",
-                     threads: int = 4) -> DataReport:
-    """Check every file of every split. Raises DataValidationError on the first file with a file
-    problem, or (policy ``fail``) with a row problem, listing all of that file's problems."""
+PIECE_ROWS = 262_144  # a read task's rows at most, where the row groups allow: bounded blocks, early first batch
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of consecutive row groups of one Parquet file: one read task, and one block onward."""
+
+    path: str
+    row_groups: tuple[int, ...]
+    rows: int
+
+
+def read_footers(fs: pafs.FileSystem, files: list[str], threads: int = 8) -> list[pq.FileMetaData]:
+    """Each file's Parquet footer (its schema and row groups), read in threads: I/O, one request each on
+    object storage. A file that is not readable Parquet is named."""
+    def footer(path: str) -> pq.FileMetaData:
+        try:
+            return pq.ParquetFile(fs.open_input_file(path)).metadata
+        except Exception as e:  # truncated or corrupt files raise ArrowInvalid / OSError
+            raise DataValidationError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(footer, files))
+
+
+def parquet_pieces(fs: pafs.FileSystem, files: list[str], min_pieces: int = 1) -> list[Piece]:
+    """The files cut at row-group boundaries into pieces of at most ``PIECE_ROWS`` rows, and into at least
+    ``min_pieces`` (the split's consumers, times 2) where the row groups allow, so how a log was written into
+    files does not decide how many workers it feeds: a one-file split of several row groups feeds them all.
+    Reads only the files' footers."""
+    return pieces_of(files, read_footers(fs, files), min_pieces)
+
+
+def pieces_of(files: list[str], footers: list[pq.FileMetaData], min_pieces: int = 1) -> list[Piece]:
+    sizes = [[md.row_group(i).num_rows for i in range(md.num_row_groups)] for md in footers]
+    target = max(1, min(PIECE_ROWS, -(-sum(map(sum, sizes)) // max(1, min_pieces))))
+    pieces = []
+    for path, rows in zip(files, sizes):
+        run: list[int] = []
+        for i, n in enumerate(rows):
+            if run and sum(rows[j] for j in run) + n > target:
+                pieces.append(Piece(path, tuple(run), sum(rows[j] for j in run)))
+                run = []
+            run.append(i)
+        if run:
+            pieces.append(Piece(path, tuple(run), sum(rows[j] for j in run)))
+    return pieces
+
+
+def validate_dataset(path: str, spec: DatasetSpec, splits=SPLITS, on_bad_rows: str = "fail") -> DataReport:
+    """Check every file of every split: the footers on the driver (readable, the spec's columns and types),
+    the rows in tasks, one per piece of row groups (``check_piece``: Ray tasks across the cluster when Ray
+    is running, else threads), reduced to counts per file. Raises DataValidationError on the first file with
+    a file problem, or (policy ``fail``) with a row problem, listing all of that file's problems."""
     if on_bad_rows not in BAD_ROW_POLICIES:
         raise ValueError(f"on_bad_rows must be one of {BAD_ROW_POLICIES}, got {on_bad_rows!r}")
     report = DataReport()
     for split in splits:
         fs, files = split_files(path, split)
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            checks = list(pool.map(lambda f: check_file(fs, f, spec), files))
-        for check in checks:  # in file order: the first bad file is the one named
+        footers = read_footers(fs, files)
+        for file, md in zip(files, footers):
+            problems = list(_schema_problems(md.schema.to_arrow_schema(), spec))
+            if problems:
+                raise DataValidationError(f"{file}: " + "; ".join(problems))
+        checks = run_tasks(check_piece, [(fs, piece, spec) for piece in pieces_of(files, footers, cluster_cpus())])
+        per_file = {f: FileCheck(f, md.num_rows, [], 0) for f, md in zip(files, footers)}
+        for c in checks:
+            merged = per_file[c.path]
+            merged.bad += c.bad
+            seen = {(column, reason): i for i, (column, reason, *_) in enumerate(merged.problems)}
+            for column, reason, message, n in c.problems:
+                if (column, reason) in seen:
+                    i = seen[(column, reason)]
+                    merged.problems[i] = (column, reason, message, merged.problems[i][3] + n)
+                else:
+                    merged.problems.append((column, reason, message, n))
+        for check in per_file.values():  # in file order: the first bad file is the one named
             if check.problems and on_bad_rows == "fail":
                 raise DataValidationError(f"{check.path}: " + "; ".join(
                     f"column {c!r}: {n} of {check.rows} rows {message}" for c, _, message, n in check.problems))
-        report.rows[split] = sum(c.rows for c in checks)
+        report.rows[split] = sum(c.rows for c in per_file.values())
         if report.rows[split] == 0:
             raise DataValidationError(f"{path}: split {split!r} has 0 rows in {len(files)} file(s)")
-        report.dropped[split] = sum(c.bad for c in checks)
+        report.dropped[split] = sum(c.bad for c in per_file.values())
         counts = Counter()
-        for c in checks:
+        for c in per_file.values():
             counts.update({f"{column}/{reason}": n for column, reason, _, n in c.problems})
         report.bad_rows[split] = dict(counts)
         if report.dropped[split] == report.rows[split]:
             raise DataValidationError(f"{path}: every row of split {split!r} is bad ({dict(counts)})")
     return report
+
+
+# The stage's Ray tasks spread over the nodes, as Ray Data's do. SPREAD also keeps them out of the caller's
+# placement group, which a Tune trial's driver would otherwise hand them, and whose bundles have no CPU.
+TASK_OPTIONS = {"scheduling_strategy": "SPREAD"}
+
+
+def cluster_cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 4
+
+
+def run_tasks(fn, calls: list[tuple], **options) -> list:
+    """``fn(*args)`` for each of ``calls``, in order: as Ray tasks where Ray is running (spread over the
+    cluster's CPUs; the driver receives only the results), else in this process's threads (the converter).
+    A DataValidationError raised in a task is raised as it is."""
+    if ray.is_initialized():
+        task = ray.remote(fn).options(**TASK_OPTIONS, **options)
+        try:
+            return ray.get([task.remote(*args) for args in calls])
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, DataValidationError):
+                raise e.cause from None
+            raise
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda args: fn(*args), calls))
 
 
 @dataclass
@@ -105,23 +195,19 @@ class FileCheck:
     bad: int  # rows with at least one problem
 
 
-def check_file(fs: pafs.FileSystem, path: str, spec: DatasetSpec) -> FileCheck:
-    try:
-        pf = pq.ParquetFile(fs.open_input_file(path))
-        schema, n = pf.schema_arrow, pf.metadata.num_rows
-    except Exception as e:  # truncated or corrupt files raise ArrowInvalid / OSError
-        raise DataValidationError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-    problems = list(_schema_problems(schema, spec))
-    if problems:
-        raise DataValidationError(f"{path}: " + "; ".join(problems))
+def check_piece(fs: pafs.FileSystem, piece: Piece, spec: DatasetSpec) -> FileCheck:
+    """The row problems of one piece, counted: only the columns that can hold one are read (labels, dense
+    values, and the id columns whose footer statistics cannot rule a problem out)."""
+    pf = pq.ParquetFile(fs.open_input_file(piece.path))
     columns = spec.label_columns + [d.name for d in spec.dense] + _suspect_id_columns(pf, spec)
     try:
-        table = pf.read(columns=columns)
+        table = pf.read_row_groups(list(piece.row_groups), columns=columns)
     except Exception as e:
-        raise DataValidationError(f"{path}: cannot read columns {columns} ({type(e).__name__}: {e})") from None
+        raise DataValidationError(f"{piece.path}: cannot read columns {columns} ({type(e).__name__}: {e})") from None
     masks = bad_row_masks(table, spec)
-    bad = np.logical_or.reduce([m for *_, m in masks]) if masks else np.zeros(n, bool)
-    return FileCheck(path, n, [(c, reason, message, int(m.sum())) for c, reason, message, m in masks], int(bad.sum()))
+    bad = np.logical_or.reduce([m for *_, m in masks]) if masks else np.zeros(table.num_rows, bool)
+    return FileCheck(piece.path, table.num_rows, [(c, reason, message, int(m.sum())) for c, reason, message, m in masks],
+                     int(bad.sum()))
 
 
 def bad_row_masks(table: pa.Table, spec: DatasetSpec) -> list[tuple[str, str, str, np.ndarray]]:

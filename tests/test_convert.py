@@ -12,7 +12,8 @@ import pytest
 from pipeline.config import DatasetSpec
 from pipeline.convert import MISSING, ConvertConfig, ConvertError, convert
 from pipeline.adult import SPEC_PATH as ADULT_SPEC, prepare_adult
-from pipeline.validate import DataValidationError, validate_dataset
+from pipeline.data import parquet_pieces
+from pipeline.validate import DataValidationError, split_files, validate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -48,6 +49,23 @@ def test_adult_protocol(adult):
     train = pd.read_parquet(out / "train")
     assert "marital_status" not in train and (train["workclass"] == MISSING).sum() == 1_836
     assert train["income"].dtype == np.int64
+    # written for parallel reading: 8 row groups, so the one train file is read in 7 pieces for 2 workers
+    assert report["layout"]["train"] == {"files": 1, "row_groups": 8, "row_group_rows": 4_096}
+    fs, files = split_files(str(out), "train")
+    assert [p.rows for p in parquet_pieces(fs, files, min_pieces=4)] == [4_096] * 6 + [7_985]
+
+
+def test_large_splits_are_written_as_several_files(tmp_path, monkeypatch):
+    import pipeline.convert
+
+    monkeypatch.setattr(pipeline.convert, "FILE_ROWS", 40)
+    d = DATA / "ali-ccp"
+    report = cli("--train", d / "ali_ccp_train_sample.csv", "--split", "valid=0.2", "--split", "test=0.2",
+                 "--label", "click", "--label", "purchase", "--depends-on", "purchase:click", "--out", tmp_path / "ali")
+    assert report["rows"] == {"train": 60, "valid": 20, "test": 20}
+    assert report["layout"]["train"] == {"files": 2, "row_groups": 2, "row_group_rows": 4_096}
+    assert sorted(p.name for p in (tmp_path / "ali" / "train").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert len(pd.read_parquet(tmp_path / "ali" / "train")) == 60
 
 
 def test_ali_ccp_sample(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 from ray.train import TrainingFailedError
 from ray.util.state import list_actors
 
-from pipeline.checkpoint import load_state
+from pipeline.checkpoint import filesystem, load_state
 from pipeline.config import DataPaths, JobConfig, ModelConfig, TrainConfig
 from pipeline.job import run
 from pipeline.synthetic import SPEC_PATH
@@ -36,9 +36,12 @@ def _job(data, tmp_path, name, max_failures=2, epochs=2, on_bad_rows="fail"):
 
 
 def _registered_checkpoints(run_dir) -> list:
-    """The checkpoints Ray Train has registered (a restarted worker group resumes from the latest)."""
+    """The checkpoints Ray Train has registered (a restarted worker group resumes from the latest), read from
+    the run's directory: a local path or a URI such as s3://bucket/results/name."""
+    fs, root = filesystem(str(run_dir))
     try:
-        return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+        with fs.open_input_stream(f"{root}/checkpoint_manager_snapshot.json") as f:
+            return json.loads(f.read())["checkpoint_results"]
     except (OSError, ValueError, KeyError):
         return []
 

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import from_dict, DatasetSpec
 import pipeline.data
-from pipeline.data import (KEEP, BackpressureBackoff, Collate, PermutedTransform, Preprocessor, build_datasets,
+from pipeline.data import (KEEP, BackpressureBackoff, Collate, Preprocess, Preprocessor, build_datasets,
                            read_split, tensor_batches)
 
 TINY = {
@@ -44,7 +44,7 @@ def tiny_ds(ray_local, tmp_path):
 
 def test_fit_and_transform(tiny_ds):
     spec = from_dict(DatasetSpec, TINY)
-    pre = Preprocessor.fit(read_split(tiny_ds, "train", spec), spec)
+    pre = Preprocessor.fit(tiny_ds, spec)
     assert pre.vocab["u"].to_pylist() == [7, 5]  # by frequency; 9 does not fit the 3-row table
     assert pre.vocab["hist"].to_pylist() == [2, 1, 3, 4]  # counted over all list entries
     batch = pa.table({"u": [7, 5, 9, 123], "s": ["a", "c", "zzz", "b"], "h": [1, 1, 2, 10**12],
@@ -71,7 +71,7 @@ def test_fit_and_transform(tiny_ds):
 
 def test_state_round_trips_through_weights_only_load(tiny_ds):
     spec = from_dict(DatasetSpec, TINY)
-    pre = Preprocessor.fit(read_split(tiny_ds, "train", spec), spec)
+    pre = Preprocessor.fit(tiny_ds, spec)
     buf = io.BytesIO()
     torch.save(pre.state_dict(), buf)
     buf.seek(0)
@@ -81,7 +81,7 @@ def test_state_round_trips_through_weights_only_load(tiny_ds):
 
 
 def test_synthetic_pipeline_batches(small_log, spec, ray_local):
-    pre = Preprocessor.fit(read_split(str(small_log), "train", spec), spec)
+    pre = Preprocessor.fit(str(small_log), spec)
     assert pre.train_rows == 60_000
     ds = build_datasets(str(small_log), spec, pre, splits=("train", "valid"))
     batch = next(iter(tensor_batches(ds["valid"], spec, 512)))
@@ -95,20 +95,20 @@ def test_synthetic_pipeline_batches(small_log, spec, ray_local):
         assert bool((jt.values() < rows).all()) and bool((jt.values() >= 0).all())
     assert "oracle" not in next(iter(tensor_batches(ds["train"], spec, 8)))
     assert sum(b.num_rows for b in ds["train"].iter_batches(batch_size=4096, batch_format="pyarrow")) == 60_000
-    # each split reads and preprocesses a file in one task (a batch size on map_batches breaks this fusion)
+    # each split reads and preprocesses a piece in one task (a batch size on map_batches breaks this fusion)
     for split in ("train", "valid"):
-        assert re.search(r"Read\w*->MapBatches", ds[split].stats()), ds[split].stats()
+        assert re.search(r"MapBatches\(read_pieces\)->MapBatches", ds[split].stats()), ds[split].stats()
 
 
 def test_permuted_transform_shuffles_within_windows(tiny_ds):
     """Train rows are permuted within every ``window`` rows of a block: every row kept once, none moved across a
     window, and a new order on every call (a new epoch)."""
     spec = from_dict(DatasetSpec, TINY)
-    pre = Preprocessor.fit(read_split(tiny_ds, "train", spec), spec)
+    pre = Preprocessor.fit(tiny_ds, spec)
     n, window = 1000, 300
     batch = pa.table({"u": [7] * n, "s": ["a"] * n, "h": list(range(n)), "hist": [[1]] * n, "x": np.arange(n, dtype=float),
                       "price": [1.0] * n, "click": [i % 2 for i in range(n)]})
-    permute = PermutedTransform(pre, window)
+    permute = Preprocess(pre, window)
     orders = []
     for _ in range(2):
         out = permute(batch)
@@ -120,7 +120,28 @@ def test_permuted_transform_shuffles_within_windows(tiny_ds):
     assert not (orders[0] == orders[1]).all() and not (orders[0] == np.arange(n)).all()
 
 
-def test_drop_policy_marks_bad_rows_and_fits_without_them(ray_local):
+def test_data_tasks_fetch_the_preprocessor_once_per_process(tiny_ds, ray_local):
+    """The fit state goes to the Data tasks through the object store and is deserialised once per process,
+    however many tasks the process runs (vocabularies of 100M ids must not be unpickled per block)."""
+    import os
+
+    from pipeline.data import _fetched
+
+    spec = from_dict(DatasetSpec, TINY)
+    ref = ray_local.put(Preprocessor.fit(tiny_ds, spec))
+
+    def probe(batch):
+        return {"pid": [os.getpid()], "object": [id(_fetched(ref))]}
+    rows = ray_local.data.range(40, override_num_blocks=40).map_batches(probe, batch_size=None).take_all()
+    assert len(rows) == 40
+    per_process = {}
+    for r in rows:
+        per_process.setdefault(r["pid"], set()).add(r["object"])
+    assert all(len(objects) == 1 for objects in per_process.values()), per_process
+    assert len(per_process) < 40  # processes ran several tasks each
+
+
+def test_drop_policy_marks_bad_rows_and_fits_without_them(ray_local, tmp_path):
     """on_bad_rows: drop: the fit skips bad rows (a NaN would poison the dense mean) and the transform marks
     them (keep=False) with harmless values; identity-encoded ids map id i to row i + 1."""
     raw = {**TINY, "sparse": TINY["sparse"] + [{"name": "pos", "num_ids": 4, "dim": 4}]}
@@ -128,7 +149,9 @@ def test_drop_policy_marks_bad_rows_and_fits_without_them(ray_local):
     t = pa.table({"u": [7, 5, None, 5], "s": ["a", "b", "a", "c"], "h": [1, 2, 3, -4],
                   "hist": [[1], [2, -1], [2], [3]], "x": [1.0, np.nan, 3, 4], "price": [1.0, 2, -3, 4],
                   "click": [0, 1, 2, 1], "pos": [0, 3, 4, 2]})
-    pre = Preprocessor.fit(ray_local.data.from_arrow(t), spec, drop_bad_rows=True)
+    (tmp_path / "train").mkdir()
+    pq.write_table(t, tmp_path / "train" / "part-0.parquet")
+    pre = Preprocessor.fit(str(tmp_path), spec, drop_bad_rows=True)
     assert pre.train_rows == 1  # only row 0 is clean
     assert pre.dense_mean[0] == pytest.approx(1.0)
     out = pre.transform(t)

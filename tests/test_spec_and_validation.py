@@ -214,3 +214,52 @@ def test_drop_policy_counts_every_bad_row_once(small_log, spec, tmp_path):
     assert report.dropped == {"train": 7, "valid": 0, "test": 0}
     assert report.rows == {"train": 60_000, "valid": 10_000, "test": 10_000}
     assert report.metrics()["data/train/bad/convert/funnel"] == 3 and report.metrics()["data/train/dropped"] == 7
+
+
+def test_validation_in_ray_tasks_counts_per_file_over_its_pieces(small_log, spec, tmp_path, ray_local):
+    """With Ray running, the rows are checked in Ray tasks, one per piece of row groups; a file's problems,
+    found in several pieces, are summed into one message with the file, the column and the count."""
+    bad, f = _corrupt(small_log, tmp_path, _many_problems)
+    pq.write_table(pq.read_table(f), f, row_group_size=25)  # the bad rows 1, 50, 60, 70 in separate pieces
+    with pytest.raises(DataValidationError, match=rf"{f}: column 'user_id': 2 of 20000 rows have a negative id"):
+        validate_dataset(str(bad), spec)
+    report = validate_dataset(str(bad), spec, on_bad_rows="drop")
+    assert report.bad_rows["train"] == {"user_id/negative_id": 2, "device/null": 1, "click/not_binary": 1,
+                                        "convert/funnel": 3, "item_price/not_finite": 2}
+    assert report.dropped["train"] == 7 and report.rows["train"] == 60_000
+
+
+def test_fit_in_ray_tasks_equals_value_counts_of_the_whole_split(small_log, spec, ray_local):
+    """The fit's per-piece counts, hash-partitioned and reduced to per-part top-K lists, give exactly the
+    vocabulary of the whole split's value counts (count descending, then value), and its dense moments."""
+    import pandas as pd
+
+    from pipeline.data import Preprocessor
+
+    import yaml
+
+    from pipeline.synthetic import SPEC_PATH
+
+    raw = yaml.safe_load(SPEC_PATH.read_text())
+    raw["sparse"][0]["vocab_size"] = 101  # user_id: the top 100 of 5,000 users, with ties at the cut
+    cut = from_dict(DatasetSpec, raw)
+    train = pd.read_parquet(small_log / "train")
+    for spec in (spec, cut):
+        check_fit(Preprocessor.fit(str(small_log), spec), spec, train)
+
+
+def check_fit(pre, spec, train):
+    import pandas as pd
+
+    assert pre.train_rows == len(train) == 60_000
+    for name, table in spec.tables.items():
+        if table.encoding != "vocab":
+            continue
+        raw = pd.concat([train[f.name].explode() if f.kind == "id_list" else train[f.name]
+                         for f in spec.id_features if f.table_name == name]).dropna().astype(np.int64)
+        counts = raw.value_counts().rename("n").reset_index()
+        expected = counts.sort_values(["n", counts.columns[0]], ascending=[False, True])[counts.columns[0]]
+        assert pre.vocab[name].to_pylist() == expected.tolist()[: table.num_rows - 1], name
+    dense = np.stack([d.values(pa.chunked_array([pa.array(train[d.name])])) for d in spec.dense])
+    np.testing.assert_allclose(pre.dense_mean, dense.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(pre.dense_std, dense.std(axis=1), rtol=1e-4)

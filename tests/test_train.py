@@ -20,7 +20,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.metrics import roc_auc_score
 
-from pipeline.checkpoint import load_state
+from pipeline.checkpoint import PREPROCESSOR_FILE, load_state
 from pipeline.config import ConfigError, DataPaths, JobConfig, ModelConfig, TrainConfig
 from pipeline.job import ExactSplitDataConfig, run
 from pipeline.metrics import split_metrics
@@ -138,7 +138,10 @@ def test_two_worker_run_learns_and_resumes(ray_local, small_log, tmp_path):
     assert metrics["best_epoch"] == best["epoch"]
     assert metrics["valid"]["mean_auc"] == pytest.approx(best["valid/mean_auc"], abs=1e-9)
     state = load_state(out / "checkpoint")  # weights_only load: no arbitrary unpickling
-    assert {"optimizer", "best_model", "preprocessor", "job", "spec", "code_version"} <= set(state)
+    assert {"optimizer", "best_model", "job", "spec", "code_version"} <= set(state)
+    # the preprocessing state beside it, a copy of the run's saved fit (not passed through the loop's config)
+    saved = sorted((tmp_path / "results" / "preprocessors").glob("*.pt"))
+    assert len(saved) == 1 and (out / "checkpoint" / PREPROCESSOR_FILE).read_bytes() == saved[0].read_bytes()
     # the selected model gathered into plain tensors (what inference loads), the tables at full size
     assert all(type(v) is torch.Tensor for v in state["best_model"].values())
     assert state["best_model"]["front.bags.embedding_bags.user_id.weight"].shape == (100_001, 8)
@@ -195,15 +198,29 @@ def test_step_threads_split_only_a_lone_cpu_workers_steps():
         TrainConfig(step_threads=-1)
 
 
+def test_a_one_file_split_feeds_every_worker(ray_local, tmp_path):
+    """One file per split, in row groups: the split is read in pieces of row groups, so both workers train
+    (and evaluate) a fair part of it, however the log was written into files."""
+    log = generate(tmp_path / "one_file", SyntheticConfig(rows={"train": 4000, "valid": 1000, "test": 1000},
+                                                         rows_per_file=10_000, row_group_rows=500, num_users=5_000,
+                                                         num_items=10_000, seed=4))
+    assert [len(list((log / s).glob("*.parquet"))) for s in ("train", "valid", "test")] == [1, 1, 1]
+    job = _job(log, tmp_path, epochs=1, name="one_file_pieces")
+    job.train.batch_size = 256
+    h = run(job)["history"][0]
+    assert h["train/rows_trained"] == 4000 and h["train/worker_rows_min"] > 0.4 * 4000 / 2, h
+
+
 def test_a_worker_whose_shard_is_empty_waits_for_the_other(ray_local, tmp_path):
-    """One file per split and 2 workers: rank 1 gets no rows. It steps on empty batches in lockstep with the
+    """One file of one row group per split and 2 workers: the split cannot be cut, so rank 1 gets no rows. It steps on empty batches in lockstep with the
     other (the sharded tables' all-to-alls and the dense all-reduces stay matched); every row is still
     trained and evaluated."""
     log = generate(tmp_path / "one_file", SyntheticConfig(rows={"train": 3000, "valid": 1000, "test": 1000},
                                                          rows_per_file=10_000, num_users=5_000, num_items=10_000, seed=4))
     job = _job(log, tmp_path, epochs=2, name="one_file")
     job.train.batch_size = 256
-    metrics = run(job)
+    with pytest.warns(UserWarning, match="fewer than its 2 workers: some stay idle"):
+        metrics = run(job)
     for h in metrics["history"]:
         assert h["train/rows_trained"] == h["train/worker_rows_max"] == 3000 and h["train/worker_rows_min"] == 0
     assert metrics["valid"]["rows"] == metrics["test"]["rows"] == 1000

@@ -1,0 +1,88 @@
+"""Pre-training stage: the driver's peak RSS and the seconds that validation and the preprocessing fit take
+(the part of the time before the first training step that grows with the log), at N and 10 N train rows, on
+a local Ray cluster (``ray.cluster_utils.Cluster``, all on loopback) of 1 and of 2 worker nodes of 1 CPU
+each. The head node has 0 CPUs, so every task runs on a worker node, and the driver only reduces results.
+
+Each configuration runs in a fresh driver process (``--child``). Its peak RSS is ``ru_maxrss`` of that process
+alone, without Ray's daemons or the tasks. On this 2-core machine, 2 nodes of 1 CPU are twice the CPUs of 1.
+
+    python bench/pre_training.py                 # N = 1M -> bench/results/pre_training.md
+    python bench/pre_training.py --rows 200000   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from common import write_result
+
+from pipeline.synthetic import SPEC_PATH
+
+
+def child(data: str, nodes: int) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.config import DatasetSpec
+    from pipeline.data import Preprocessor
+    from pipeline.validate import validate_dataset
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        spec = DatasetSpec.load(SPEC_PATH)
+        t0 = time.time()
+        report = validate_dataset(data, spec)
+        t1 = time.time()
+        pre = Preprocessor.fit(data, spec)
+        t2 = time.time()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert pre.train_rows == report.rows["train"]
+    return {"rows": sum(report.rows.values()), "train rows": report.rows["train"], "validate s": t1 - t0,
+            "fit s": t2 - t1, "driver peak RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=1_000_000, help="N: the stage runs at N and 10 N train rows")
+    p.add_argument("--child", nargs=2, metavar=("DATA", "NODES"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child[0], int(a.child[1]))))
+        return
+    from pipeline.job import default_synthetic_data
+
+    results = []
+    for rows in (a.rows, 10 * a.rows):
+        data = default_synthetic_data({"train": rows, "valid": rows // 10, "test": rows // 10})  # generated first
+        for nodes in (1, 2):
+            out = subprocess.run([sys.executable, __file__, "--child", str(data), str(nodes)], check=True,
+                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            r["seconds per M rows"] = (r["validate s"] + r["fit s"]) / (r["rows"] / 1e6)
+            results.append({"train rows": rows, "worker nodes": nodes, **r})
+    by = {(r["train rows"], r["worker nodes"]): r for r in results}
+    n, big = a.rows, 10 * a.rows
+    results.append({"train rows": "10 N / N, 1 node", "driver peak RSS MiB":
+                    by[big, 1]["driver peak RSS MiB"] / by[n, 1]["driver peak RSS MiB"],
+                    "seconds per M rows": by[big, 1]["seconds per M rows"] / by[n, 1]["seconds per M rows"]})
+    results.append({"train rows": "2 nodes / 1 node, 10 N", "seconds per M rows":
+                    by[big, 2]["seconds per M rows"] / by[big, 1]["seconds per M rows"]})
+    write_result("pre_training", f"Pre-training stage: validation and fit at N = {n:,} and 10 N train rows, "
+                 "on 1 and 2 Ray worker nodes", results,
+                 ["validation reads every split (train, valid, test: a tenth of train each); the fit reads train",
+                  "each configuration in a fresh driver process; its peak RSS is that process alone",
+                  "worker nodes of 1 CPU each, the head 0 CPUs: 2 nodes are twice the CPUs of 1"],
+                 f"python bench/pre_training.py --rows {n}")
+
+
+if __name__ == "__main__":
+    main()
