@@ -73,7 +73,7 @@ def test_splits_the_driver_started_go_to_the_first_worker_group_on_their_node_on
     ds = ray.data.range(1000, override_num_blocks=4)
     node = ray.get_runtime_context().get_node_id()
     config = ExactSplitDataConfig()
-    config.start_splits({"train": ds, "valid": ds}, world_size=1)
+    config.start_splits({"train": ds, "valid": ds, "test": ds}, world_size=1)
     started = {name: _coordinator(shards[0]) for name, shards in config._started.items()}
     # Train configures each dataset in a copy of the config, in its dataset manager actor on this node
     first_group, restarted_group = pickle.loads(pickle.dumps(config)), pickle.loads(pickle.dumps(config))
@@ -83,15 +83,21 @@ def test_splits_the_driver_started_go_to_the_first_worker_group_on_their_node_on
         shards.append(cfg.configure({name: ds}, world_size, None, nodes)[0][name])
         return shards[-1]
 
+    def ended(coordinator) -> None:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(coordinator.stats.remote(), timeout=60)
+
     shard = configure(first_group, "train", 1, [node])
     assert _coordinator(shard) == started["train"]
     assert sum(len(b["id"]) for b in shard.iter_batches(batch_size=100)) == 1000
-    # a worker group restarted after a failure, or on other nodes, or of another size, splits afresh
+    # a worker group restarted after a failure splits afresh: the first group took the started split
     assert _coordinator(configure(restarted_group, "train", 1, [node])) != started["train"]
-    assert _coordinator(configure(first_group, "valid", 1, ["another-node"])) != started["valid"]
-    assert _coordinator(configure(first_group, "valid", 2, [node, node])) != started["valid"]
-    # ... and none of those took the valid split's: the first group's own request does
-    assert _coordinator(configure(first_group, "valid", 1, [node])) == started["valid"]
+    # a first group on other nodes, or of another size, splits afresh, and the started split no group can
+    # take any more is ended at once, not left idle until the run's end
+    for name, world_size, nodes in (("valid", 1, ["another-node"]), ("test", 2, [node, node])):
+        assert _coordinator(configure(first_group, name, world_size, nodes)) != started[name]
+        ended(config._started[name][0]._coord_actor)
+        assert _coordinator(configure(first_group, name, 1, [node])) != started[name]  # gone for good
 
     unclaimed = ExactSplitDataConfig()
     unclaimed.start_splits({"train": ds}, world_size=1)
@@ -101,11 +107,10 @@ def test_splits_the_driver_started_go_to_the_first_worker_group_on_their_node_on
     assert _coordinator(configure(copy_made_before, "train", 1, [node])) != left_over
     # ... and the coordinators the driver started, taken or not, are ended then (not left to exit on their
     # own when their handles go, where Ray 2.60 aborts now and then: docs/NOTES.md): calls to them fail
-    ended = [s[0]._coord_actor for s in config._started.values()] + [shards[-2]._coord_actor]
+    to_end = [config._started["train"][0]._coord_actor, shards[-2]._coord_actor]
     config.release_splits()
-    for coordinator in ended:
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(coordinator.stats.remote(), timeout=60)
+    for coordinator in to_end:
+        ended(coordinator)
     for s in shards:  # the fresh splits too, as Train's own are ended with its dataset manager
         ray.kill(s._coord_actor, no_restart=True)
 
