@@ -1,10 +1,13 @@
-"""Pre-training stage: the driver's peak RSS and the seconds that validation and the preprocessing fit take
-(the part of the time before the first training step that grows with the log), at N and 10 N train rows, on
-a local Ray cluster (``ray.cluster_utils.Cluster``, all on loopback) of 1 and of 2 worker nodes of 1 CPU
-each. The head node has 0 CPUs, so every task runs on a worker node, and the driver only reduces results.
+"""Pre-training stage: the driver's peak RSS and the seconds from the job's start to its first training step
+(validation, the preprocessing fit, and the start-up of Train's workers and the data pipeline), at N and 10 N
+train rows, on a local Ray cluster (``ray.cluster_utils.Cluster``, all on loopback) of 1 and of 2 worker nodes
+of 1 CPU each. The head node has 0 CPUs, so every task runs on a worker node, and the driver only reduces
+results.
 
-Each configuration runs in a fresh driver process (``--child``). Its peak RSS is ``ru_maxrss`` of that process
-alone, without Ray's daemons or the tasks. On this 2-core machine, 2 nodes of 1 CPU are twice the CPUs of 1.
+Each configuration is the default job (PLE, 2 workers, one epoch) in a fresh driver process (``--child``); the
+job records its stage times in metrics.json (``pre_training``), and its peak RSS is ``ru_maxrss`` of that
+process alone, without Ray's daemons, the tasks or the workers. On this 2-core machine, 2 nodes of 1 CPU are
+twice the CPUs of 1.
 
     python bench/pre_training.py                 # N = 1M -> bench/results/pre_training.md
     python bench/pre_training.py --rows 200000   # a quick look
@@ -16,7 +19,7 @@ import json
 import resource
 import subprocess
 import sys
-import time
+import tempfile
 
 from common import write_result
 
@@ -27,27 +30,25 @@ def child(data: str, nodes: int) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.config import DatasetSpec
-    from pipeline.data import Preprocessor
-    from pipeline.validate import validate_dataset
+    from pipeline.config import DataPaths, JobConfig
+    from pipeline.job import run
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(nodes):
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        spec = DatasetSpec.load(SPEC_PATH)
-        t0 = time.time()
-        report = validate_dataset(data, spec)
-        t1 = time.time()
-        pre = Preprocessor.fit(data, spec)
-        t2 = time.time()
+        with tempfile.TemporaryDirectory() as out:
+            metrics = run(JobConfig(data=DataPaths(path=data, spec=str(SPEC_PATH)), name="pre-training", output=out))
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert pre.train_rows == report.rows["train"]
-    return {"rows": sum(report.rows.values()), "train rows": report.rows["train"], "validate s": t1 - t0,
-            "fit s": t2 - t1, "driver peak RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    pre = metrics["pre_training"]
+    return {"rows": sum(metrics["data"][s]["rows"] for s in ("train", "valid", "test")),
+            "train rows": metrics["data"]["train"]["rows"], "validate s": pre["validate_seconds"],
+            "fit s": pre["fit_seconds"], "to first step s": pre["seconds_to_first_step"],
+            "restarts": metrics["restarts"]["count"],
+            "driver peak RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
@@ -67,18 +68,22 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--child", str(data), str(nodes)], check=True,
                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
             r = json.loads(out)
-            r["seconds per M rows"] = (r["validate s"] + r["fit s"]) / (r["rows"] / 1e6)
+            r["validate+fit s per M rows"] = (r["validate s"] + r["fit s"]) / (r["rows"] / 1e6)
             results.append({"train rows": rows, "worker nodes": nodes, **r})
     by = {(r["train rows"], r["worker nodes"]): r for r in results}
     n, big = a.rows, 10 * a.rows
     results.append({"train rows": "10 N / N, 1 node", "driver peak RSS MiB":
                     by[big, 1]["driver peak RSS MiB"] / by[n, 1]["driver peak RSS MiB"],
-                    "seconds per M rows": by[big, 1]["seconds per M rows"] / by[n, 1]["seconds per M rows"]})
-    results.append({"train rows": "2 nodes / 1 node, 10 N", "seconds per M rows":
-                    by[big, 2]["seconds per M rows"] / by[big, 1]["seconds per M rows"]})
+                    "validate+fit s per M rows": by[big, 1]["validate+fit s per M rows"] / by[n, 1]["validate+fit s per M rows"]})
+    for rows in (n, big):
+        results.append({"train rows": f"2 nodes / 1 node, {'N' if rows == n else '10 N'}",
+                        "validate+fit s per M rows": by[rows, 2]["validate+fit s per M rows"] / by[rows, 1]["validate+fit s per M rows"],
+                        "to first step s": by[rows, 2]["to first step s"] / by[rows, 1]["to first step s"]})
     write_result("pre_training", f"Pre-training stage: validation and fit at N = {n:,} and 10 N train rows, "
                  "on 1 and 2 Ray worker nodes", results,
-                 ["validation reads every split (train, valid, test: a tenth of train each); the fit reads train",
+                 ["the default job (PLE, 2 workers, 1 epoch); 'to first step s' runs from the job's start to rank 0's "
+                  "first training batch: validation, fit, Train's and the data pipeline's start-up",
+                  "validation reads every split (train, valid, test: a tenth of train each); the fit reads train",
                   "each configuration in a fresh driver process; its peak RSS is that process alone",
                   "worker nodes of 1 CPU each, the head 0 CPUs: 2 nodes are twice the CPUs of 1"],
                  f"python bench/pre_training.py --rows {n}")

@@ -34,27 +34,21 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline.config import DatasetSpec, TrainConfig
+from pipeline.encoding import IDS, FeatureEncoder
 from pipeline.features import as_floats
 from pipeline.validate import TASK_OPTIONS, Piece, bad_row_masks, cluster_cpus, parquet_pieces, split_files
 
-IDS = np.int32  # encoded ids
 KEEP = "_keep"  # the column marking a row good under on_bad_rows: drop
 
 
 @dataclass
-class Preprocessor:
+class Preprocessor(FeatureEncoder):
     """State fit on the train split: each vocabulary table's values by descending frequency, and the
-    dense features' mean/std. Plain tensors and lists, so it saves with ``torch.save`` and loads with
-    ``torch.load(weights_only=True)``."""
+    dense features' mean/std (the encoding itself: ``pipeline.encoding.FeatureEncoder``). Plain tensors and
+    lists, so it saves with ``torch.save`` and loads with ``torch.load(weights_only=True)``."""
 
-    spec: DatasetSpec
-    vocab: dict[str, pa.Array] = field(default_factory=dict)  # table -> values; value i -> index i + 1
-    dense_mean: np.ndarray = None
-    dense_std: np.ndarray = None
     train_rows: int = 0
     drop_bad_rows: bool = False  # on_bad_rows: drop (a job setting, not saved with the state)
-    # integer vocabularies as lookup structures, built once per process (derived, never saved)
-    _lookup: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ fit
 
@@ -92,11 +86,7 @@ class Preprocessor:
     def transform(self, batch: pa.Table) -> pa.Table:
         """Raw rows -> model-ready rows: each feature encoded by its class, labels and oracle as float32."""
         spec, n = self.spec, batch.num_rows
-        out = {}
-        for f in spec.id_features:
-            out[f.name] = f.encode(batch[f.name].combine_chunks(), self._encode)
-        for j, d in enumerate(spec.dense):
-            out[d.name] = d.encode(batch[d.name], self.dense_mean[j], self.dense_std[j])
+        out = self.encode_features(batch)
         for c in spec.label_columns:
             out[c] = pa.array(as_floats(batch[c]).astype(np.float32))
         if spec.oracle and all(c in batch.column_names for c in spec.oracle.values()):
@@ -105,36 +95,6 @@ class Preprocessor:
             masks = bad_row_masks(batch, spec)
             out[KEEP] = pa.array(~np.logical_or.reduce([m for *_, m in masks]) if masks else np.ones(n, bool))
         return pa.table(out)
-
-    def _encode(self, values: pa.Array, table: str) -> np.ndarray:
-        """Raw ids -> table-local indices in [0, num_rows); 0 is the out-of-vocabulary row."""
-        t = self.spec.tables[table]
-        if values.null_count:  # only a row that is dropped has one
-            values = values.fill_null(pa.scalar("" if pa.types.is_string(values.type) else 0, values.type))
-        if t.encoding == "identity":
-            ids = values.to_numpy(zero_copy_only=False).astype(np.int64)
-            return np.where((ids >= 0) & (ids < t.num_ids), ids + 1, 0).astype(IDS)
-        if t.encoding == "hash":
-            raw = values.to_numpy(zero_copy_only=False)
-            return ((pd.util.hash_array(raw.astype(object) if raw.dtype.kind in "OU" else raw)
-                     % np.uint64(t.num_rows - 1)) + 1).astype(IDS)
-        vocab = self.vocab[table]
-        if pa.types.is_integer(values.type) and pa.types.is_integer(vocab.type) and len(vocab):
-            # integer ids: a lookup table over the vocabulary's id range when that range is compact (one
-            # indexing op), else a binary search in the sorted vocabulary. pc.index_in would hash the whole
-            # vocabulary again on every batch.
-            if table not in self._lookup:
-                self._lookup[table] = _int_lookup(vocab.to_numpy().astype(np.int64))
-            lo, lut, keys, rows = self._lookup[table]
-            ids = values.to_numpy(zero_copy_only=False).astype(np.int64)
-            if lut is not None:
-                codes = lut[np.clip(ids - lo, 0, len(lut) - 1)]
-                return np.where((ids >= lo) & (ids < lo + len(lut)), codes, 0).astype(IDS)
-            pos = np.searchsorted(keys, ids).clip(max=len(keys) - 1)
-            return np.where(keys[pos] == ids, rows[pos], 0).astype(IDS)
-        if vocab.type != values.type:
-            vocab = vocab.cast(values.type)
-        return (pc.index_in(values, value_set=vocab).fill_null(-1).to_numpy() + 1).astype(IDS)
 
     # ------------------------------------------------------------------ save / load
 
@@ -150,25 +110,19 @@ class Preprocessor:
         }
 
     @staticmethod
+    def load(f, spec: DatasetSpec, drop_bad_rows: bool = False) -> "Preprocessor":
+        """From a saved fit (``fit_or_load_preprocessor``'s file, a checkpoint's copy): a path or a file object."""
+        import torch
+
+        return Preprocessor.from_state_dict(torch.load(f, weights_only=True)["state"], spec, drop_bad_rows)
+
+    @staticmethod
     def from_state_dict(state: dict[str, Any], spec: DatasetSpec, drop_bad_rows: bool = False) -> "Preprocessor":
         import torch
 
         vocab = {k: pa.array(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in state["vocab"].items()}
         return Preprocessor(spec, vocab, state["dense_mean"].numpy(), state["dense_std"].numpy(), state["train_rows"],
                             drop_bad_rows)
-
-
-def _int_lookup(values: np.ndarray) -> tuple:
-    """(lowest id, table id - lowest -> row or None, sorted ids, their rows) for an integer vocabulary whose
-    value i is row i + 1. The table is built when the id range is at most 16x the vocabulary (+64k)."""
-    lo, hi = int(values.min()), int(values.max())
-    rows = np.arange(1, len(values) + 1, dtype=IDS)
-    if hi - lo + 1 <= 16 * len(values) + 65_536:
-        lut = np.zeros(hi - lo + 1, IDS)
-        lut[values - lo] = rows
-        return lo, lut, None, None
-    order = np.argsort(values, kind="stable")
-    return lo, None, values[order], rows[order]
 
 
 def fit_piece(fs: pafs.FileSystem, piece: Piece, spec: DatasetSpec, tables: list[str], parts: int,

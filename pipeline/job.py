@@ -12,6 +12,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +132,12 @@ class ExactSplitDataConfig(DataConfig):
         return ds
 
 
-def connect_ray() -> None:
+def connect_ray(progress: bool = False) -> None:
     """Join the cluster in RAY_ADDRESS (set by ``ray job submit``) or start a local one."""
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # one line per operator per update floods job logs
+    ctx.enable_progress_bars = progress  # off in training: one line per operator per update floods job logs
     # Parquet through Ray Data's V1 datasource: the V2 one (the 2.60 default) lists the files in a task of
     # its own first, which put 2-4 s before every epoch's first batch here (V1: 0.4-1.3 s) for the same
     # steady throughput (bench/results/throughput.md, docs/NOTES.md)
@@ -203,8 +204,7 @@ def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) ->
     uri = f"{storage.rstrip('/')}/preprocessors/{key}.pt"  # what the workers open: s3:// kept
     if fs.get_file_info(path).type == pafs.FileType.File:
         with fs.open_input_stream(path) as f:
-            saved = torch.load(io.BytesIO(f.read()), weights_only=True)
-        return Preprocessor.from_state_dict(saved["state"], spec, drop), uri
+            return Preprocessor.load(io.BytesIO(f.read()), spec, drop), uri
     pre = Preprocessor.fit(job.data.path, spec, drop)
     fs.create_dir(f"{root}/preprocessors", recursive=True)
     buf = io.BytesIO()
@@ -243,15 +243,18 @@ def _without(d: dict, key: str) -> dict:
 
 def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Train and evaluate one model; returns the nested metrics also written to <output>/metrics.json."""
+    started = time.time()  # the job's start, as far as its start-up time goes (bench/pre_training.py)
     connect_ray()
     spec = DatasetSpec.load(job.data.spec)
     data = validate_dataset(job.data.path, spec, on_bad_rows=job.data.on_bad_rows)
+    validated = time.time()
     print(f"data {job.data.path}: {data.rows} rows, spec {spec.name!r} OK")
     if any(data.dropped.values()):
         print(f"on_bad_rows: drop: leaving out {data.dropped} bad rows ({data.bad_rows})")
     storage = _storage(job)
     check_resumable(job, storage)
     pre, pre_path = fit_or_load_preprocessor(job, spec, storage)
+    stages = {"started": started, "validate_seconds": validated - started, "fit_seconds": time.time() - validated}
     scaling, threads = scaling_for_cluster(job.train)
     threads_per_step = step_threads(job.train, threads, scaling.use_gpu, scaling.num_workers)
     check_table_optimizer(job.train.table_optimizer, scaling.use_gpu)
@@ -288,7 +291,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         raise
     finally:
         data_config.release_splits()
-    return write_outputs(job, spec, result, data, restarts.read())
+    return write_outputs(job, spec, result, data, restarts.read(), stages)
 
 
 @contextlib.contextmanager
@@ -306,7 +309,7 @@ def _sigint_handler_restored():
 
 
 def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result, data: DataReport,
-                  restarts: dict[str, Any]) -> dict[str, Any]:
+                  restarts: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
@@ -326,6 +329,7 @@ def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result, d
     metrics["history"] = summary["history"]
     metrics["checkpoint"] = str(ckpt_dir)
     metrics["restarts"] = restarts  # worker-group failures Train recovered from (restarts.py)
+    metrics["pre_training"] = pre_training(stages, summary["history"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     (out / "config.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
     plot_gates(summary["metrics"], spec.task_names, out / "gates.png")
@@ -335,12 +339,22 @@ def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result, d
         print("embedding tables: " + "; ".join(f"{t} {p}" for t, p in metrics["plan"].items()))
     for line in describe(restarts):
         print(line)
+    print("pre-training: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["pre_training"].items()))
     for flag in ("collapsed", "identical"):
         hit = [k for k, v in summary["metrics"].items() if k.startswith("valid/gates/") and k.endswith(flag) and v]
         if hit:
             print(f"WARNING: gates {flag}: {', '.join(k.split('/')[2] for k in hit)} (see gates.png)")
     print(f"wrote {out / 'metrics.json'}, {out / 'config.yaml'} and {ckpt_dir}")
     return metrics
+
+
+def pre_training(stages: dict[str, float], history: list[dict]) -> dict[str, float]:
+    """Where the time before training went: validation, the preprocessing fit (0 when its state was reused),
+    and the seconds from the job's start to rank 0's first training batch (this run's first epoch; a resumed
+    run's earlier epochs ran before this job started)."""
+    firsts = [h["train/first_batch_at"] for h in history if h.get("train/first_batch_at", 0) >= stages["started"]]
+    out = {"validate_seconds": stages["validate_seconds"], "fit_seconds": stages["fit_seconds"]}
+    return out | ({"seconds_to_first_step": min(firsts) - stages["started"]} if firsts else {})
 
 
 def nest_metrics(flat: dict[str, float]) -> dict[str, Any]:

@@ -100,7 +100,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 loss_sum += torch.cat([loss[None], per_task]) * n
                 rows += torch.tensor([batch["rows_read"], n], dtype=rows.dtype)
         train_seconds = time.time() - t0
-        metrics = _train_metrics(spec, loss_sum, rows, train_seconds, first_batch_seconds, first_rows, epoch,
+        metrics = _train_metrics(spec, loss_sum, rows, t0, train_seconds, first_batch_seconds, first_rows, epoch,
                                  threads_per_step) | {f"train/{k}": v for k, v in weights_used.items()}
         metrics |= _evaluate(module, "valid", spec, cfg, autocast)  # rank 0 only; others get {}
 
@@ -136,8 +136,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                              "progress": progress, "best_model": plain}, loop_config, final=True)
 
 
-def _train_metrics(spec, loss_sum, rows, train_seconds, first_batch_seconds, first_rows, epoch, threads_per_step
-                   ) -> dict[str, float]:
+def _train_metrics(spec, loss_sum, rows, started, train_seconds, first_batch_seconds, first_rows, epoch,
+                   threads_per_step) -> dict[str, float]:
     worker_rows = torch.stack([rows[1], -rows[1]])  # the most and (negated) the fewest rows a worker trained
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
@@ -149,6 +149,8 @@ def _train_metrics(spec, loss_sum, rows, train_seconds, first_batch_seconds, fir
     metrics = {"epoch": epoch, "train/rows_read": rows_read, "train/rows_trained": n_rows, "train/seconds": train_seconds,
                "train/samples_per_s": n_rows / max(train_seconds, 1e-9),
                "train/first_batch_seconds": first_batch_seconds or 0.0,
+               # wall clock (Unix seconds) of rank 0's first batch: the driver's start-up time ends here
+               "train/first_batch_at": started + (first_batch_seconds or 0.0),
                # after the first batch (per worker, as rank 0 saw it): the steady state that the start-up hides
                "train/steady_samples_per_s": (n_rows - first_rows * world) / max(steady_seconds, 1e-9),
                "train/step_threads": threads_per_step,

@@ -167,7 +167,7 @@ def test_drop_policy_marks_bad_rows_and_fits_without_them(ray_local, tmp_path):
 
 def test_integer_vocabulary_lookup_paths_agree_with_a_dict():
     """Compact id ranges go through a lookup table, sparse ones through a binary search: same codes."""
-    from pipeline.data import _int_lookup
+    from pipeline.encoding import int_lookup as _int_lookup
 
     rng = np.random.default_rng(0)
     for vocab in (rng.choice(5_000, 300, replace=False), rng.choice(10**12, 300, replace=False) - 10**11):

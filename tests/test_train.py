@@ -154,11 +154,16 @@ def test_two_worker_run_learns_and_resumes(ray_local, small_log, tmp_path):
     assert all(v.startswith(("row_wise", "table_wise", "column_wise", "data_parallel", "table_row_wise"))
                for k, v in metrics["history"][0].items() if k.startswith("plan/"))
     assert (out / "config.yaml").exists()
+    pre = metrics["pre_training"]  # where the time before the first step went
+    assert pre["validate_seconds"] > 0 and pre["fit_seconds"] > 0
+    assert pre["seconds_to_first_step"] > pre["validate_seconds"] + pre["fit_seconds"]
 
     # same run name, more epochs: resumes after epoch 1 instead of starting over
     resumed = run(_job(small_log, tmp_path, epochs=3))
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
     assert resumed["history"][:2] == metrics["history"]  # the first two epochs were not re-run
+    assert resumed["pre_training"]["fit_seconds"] < pre["fit_seconds"]  # the saved fit was loaded
+    assert resumed["pre_training"]["seconds_to_first_step"] > 0  # epoch 2's, this run's first
 
     # a finished run rerun with the same name trains nothing and reports the same test metrics
     again = run(_job(small_log, tmp_path, epochs=3))
