@@ -5,7 +5,7 @@ of 1 CPU each. The head node has 0 CPUs, so every task runs on a worker node, an
 results.
 
 Each configuration is the default job (PLE, 2 workers, one epoch) in a fresh driver process (``--child``); the
-job records its stage times in metrics.json (``pre_training``), and its peak RSS is ``ru_maxrss`` of that
+job records its stage times in metrics.json (``pre_training``), and its peak RSS is the VmHWM of that
 process alone, without Ray's daemons, the tasks or the workers. On this 2-core machine, 2 nodes of 1 CPU are
 twice the CPUs of 1.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,14 @@ def child(data: str, nodes: int) -> dict:
             "train rows": metrics["data"]["train"]["rows"], "validate s": pre["validate_seconds"],
             "fit s": pre["fit_seconds"], "to first step s": pre["seconds_to_first_step"],
             "restarts": metrics["restarts"]["count"],
-            "driver peak RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "driver peak RSS MiB": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS since its exec (VmHWM). Not ``ru_maxrss``: Linux carries that over exec from
+    the forking parent, so a child started by a parent that had just generated the 10 N log reported the
+    parent's 1.07 GiB as its own."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
 
 
 def main() -> None:

@@ -41,6 +41,8 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--name", help="run name; rerunning with the same name resumes from its latest checkpoint")
     p.add_argument("--storage-path", help="checkpoints and results: a local directory or s3://...")
     p.add_argument("--output", help="where metrics.json, config.yaml and checkpoint/ are written")
+    p.add_argument("--init-from", help="warm start from a previous run (its output or checkpoint directory): "
+                                       "its weights, its vocabularies extended with this log's ids")
     p.add_argument("--train-rows", type=int, help="rows of the default synthetic log's train split")
     args = p.parse_args(argv)
 
@@ -57,7 +59,7 @@ def parse_args(model: str | None, argv: list[str] | None = None) -> JobConfig:
         "train.loss_weighting": args.loss_weighting, "train.precision": args.precision,
         "train.compile": args.compile, "train.keep_freed_memory": args.keep_freed_memory,
         "train.step_threads": args.step_threads, "model.sharding": args.sharding, "name": args.name,
-        "storage_path": args.storage_path, "output": args.output,
+        "storage_path": args.storage_path, "output": args.output, "init_from": args.init_from,
     })
     if not job.data.path:
         from pipeline.job import default_synthetic_data

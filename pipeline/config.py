@@ -135,6 +135,9 @@ class JobConfig:
     name: str = "ple"  # run name: rerunning with the same name resumes from its latest checkpoint
     storage_path: str = ""  # checkpoints and results (local dir or s3://); default <output>/ray_results
     output: str = "outputs/ple"
+    # warm start: train from another run's selected weights (its output or checkpoint directory), its
+    # vocabularies extended with this log's ids (pipeline.warm_start); a resumed run ignores it
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         self.storage_path, self.output = os.path.expanduser(self.storage_path), os.path.expanduser(self.output)

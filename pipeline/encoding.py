@@ -126,3 +126,26 @@ def int_lookup(values: np.ndarray) -> tuple:
         return lo, lut, None, None
     order = np.argsort(values, kind="stable")
     return lo, None, values[order], rows[order]
+
+
+def extend_vocabulary(old: pa.Array, new_top: pa.Array, capacity: int) -> tuple[pa.Array, np.ndarray]:
+    """A warm start's vocabulary: yesterday's ``old`` (value i at row i + 1) extended with today's ``new_top``
+    (today's most frequent values, most frequent first) within ``capacity`` rows (num_rows - 1).
+
+    Old values keep their rows. Today's values that are new take the free rows, most frequent first; when
+    the table is full, they take the rows of the old values that are not in today's top (those are the least
+    frequent today), the least frequent of yesterday first (the end of the old vocabulary). Every value of
+    today's top thus gets a row. Returns the vocabulary (value i at row i + 1) and, for each of its values,
+    the row it had yesterday (0: a new value, whose embedding starts afresh)."""
+    old_np = old.to_numpy(zero_copy_only=False)
+    in_today = pc.is_in(old, value_set=new_top).to_numpy(zero_copy_only=False)
+    fresh = pc.filter(new_top, pc.invert(pc.is_in(new_top, value_set=old))).to_numpy(zero_copy_only=False)
+    values = list(old_np[:capacity])
+    source = list(range(1, min(len(old_np), capacity) + 1))
+    free = min(len(fresh), capacity - len(values))
+    values += list(fresh[:free])
+    source += [0] * free
+    evictable = [i for i in range(len(values) - free - 1, -1, -1) if not in_today[i]]  # least frequent first
+    for slot, value in zip(evictable, fresh[free:]):
+        values[slot], source[slot] = value, 0
+    return pa.array(values, type=old.type), np.asarray(source, np.int64)

@@ -33,6 +33,7 @@ from pipeline.restarts import RestartLog, describe
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
 from pipeline.sharding import check_table_optimizer
 from pipeline.train import step_threads, train_loop_per_worker
+from pipeline import warm_start
 from pipeline.validate import DataReport, validate_dataset
 
 DEFAULT_CACHE = Path(os.environ.get("MTREC_CACHE", Path.home() / ".cache" / "mtrec"))
@@ -146,6 +147,9 @@ def connect_ray(progress: bool = False) -> None:
         ctx.custom_execution_callback_classes.append(BackpressureBackoff)
 
 
+WORKER_MEMORY_RESERVED = 256 * 2**20  # what a worker reserves on a node with no CPU to spare (scaling_for_cluster)
+
+
 def scaling_for_cluster(cfg: TrainConfig) -> tuple[ScalingConfig, int]:
     """Size Train workers from the cluster's nodes, keeping CPU headroom on every node for Ray Data's read and
     preprocessing tasks (2 workers x 1 CPU on a 2-CPU machine starves the data pipeline and hangs; a Data task
@@ -162,7 +166,11 @@ def scaling_for_cluster(cfg: TrainConfig) -> tuple[ScalingConfig, int]:
     cpus = min(node_cpus)  # sized for the smallest node, so that any node can host its share
     per_node = -(-cfg.num_workers // len(node_cpus))  # workers per node, spread evenly
     data_headroom = max(1.0, 0.25 * cpus)
-    per_worker = {"CPU": cfg.cpus_per_worker or max(0.1, min(8.0, (cpus - data_headroom) / per_node))}
+    share = min(8.0, (cpus - data_headroom) / per_node)
+    # a node too small for both (1 CPU: a Data task takes all of it) gives its workers no CPU reservation,
+    # or the Data tasks never start; Ray refuses an all-zero bundle, so they reserve memory instead
+    per_worker = ({"CPU": cfg.cpus_per_worker} if cfg.cpus_per_worker else
+                  {"CPU": share} if share >= 0.1 else {"CPU": 0.0, "memory": WORKER_MEMORY_RESERVED})
     # Ray's CPU reservation is logical; torch threads use physical cores. Data tasks mostly wait on I/O
     # and are light next to the model, so a worker gets its share of its node's cores, not just its reservation.
     threads = max(1, int(cpus // per_node))
@@ -206,25 +214,38 @@ def fit_or_load_preprocessor(job: JobConfig, spec: DatasetSpec, storage: str) ->
         with fs.open_input_stream(path) as f:
             return Preprocessor.load(io.BytesIO(f.read()), spec, drop), uri
     pre = Preprocessor.fit(job.data.path, spec, drop)
+    return pre, save_preprocessor(pre, storage, key, job.data.path)
+
+
+def save_preprocessor(pre: Preprocessor, storage: str, key: str, data_path: str) -> str:
+    """Publish a preprocessing state as ``{storage}/preprocessors/{key}.pt``; returns its URI."""
+    fs, root = filesystem(storage)
+    path = f"{root}/preprocessors/{key}.pt"
     fs.create_dir(f"{root}/preprocessors", recursive=True)
     buf = io.BytesIO()
-    torch.save({"data_path": job.data.path, "state": pre.state_dict()}, buf)
+    torch.save({"data_path": data_path, "state": pre.state_dict()}, buf)
     tmp = f"{path}.tmp-{os.getpid()}"  # concurrent runs may fit the same data: publish atomically
     with fs.open_output_stream(tmp) as f:
         f.write(buf.getvalue())
     fs.move(tmp, path)
-    return pre, uri
+    return f"{storage.rstrip('/')}/preprocessors/{key}.pt"  # what the workers open: s3:// kept
+
+
+def complete_checkpoints(job: JobConfig, storage: str) -> list[str]:
+    """The run's checkpoints in storage, oldest first; one is complete once its config.json is there
+    (written last, after state.pt)."""
+    fs, root = filesystem(storage)
+    selector = pafs.FileSelector(f"{root}/{job.name}", allow_not_found=True)
+    checkpoints = sorted(f.path for f in fs.get_file_info(selector)
+                         if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_"))
+    return [c for c in checkpoints if fs.get_file_info(f"{c}/config.json").type == pafs.FileType.File]
 
 
 def check_resumable(job: JobConfig, storage: str) -> None:
     """A rerun with an existing run name resumes it; refuse when that run was made on other data or
     with another model, whose checkpoint would silently be evaluated on this data."""
-    fs, root = filesystem(storage)
-    selector = pafs.FileSelector(f"{root}/{job.name}", allow_not_found=True)
-    checkpoints = sorted(f.path for f in fs.get_file_info(selector)
-                         if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_"))
-    # a checkpoint is complete once its config.json is there (written last, after state.pt)
-    complete = [c for c in checkpoints if fs.get_file_info(f"{c}/config.json").type == pafs.FileType.File]
+    fs, _ = filesystem(storage)
+    complete = complete_checkpoints(job, storage)
     if not complete:
         return
     with fs.open_input_stream(f"{complete[-1]}/config.json") as f:
@@ -254,6 +275,11 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     storage = _storage(job)
     check_resumable(job, storage)
     pre, pre_path = fit_or_load_preprocessor(job, spec, storage)
+    init_path, warm = "", {}
+    if job.init_from and not complete_checkpoints(job, storage):  # a resumed run continues from its own checkpoint
+        pre, init_path, warm = warm_start.prepare(job, spec, pre, storage)
+        pre_path = save_preprocessor(pre, storage, f"warm-{job.name}", job.data.path)
+        print(f"warm start from {job.init_from}: " + ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in warm.items()))
     stages = {"started": started, "validate_seconds": validated - started, "fit_seconds": time.time() - validated}
     scaling, threads = scaling_for_cluster(job.train)
     threads_per_step = step_threads(job.train, threads, scaling.use_gpu, scaling.num_workers)
@@ -271,6 +297,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         train_loop_config={
             "job": job.to_dict(), "spec": _spec_dict(spec), "preprocessor": pre_path,
             "torch_threads": threads, "step_threads": threads_per_step, "code_version": code_version(),
+            "init_from": init_path,
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=scaling,
@@ -291,7 +318,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         raise
     finally:
         data_config.release_splits()
-    return write_outputs(job, spec, result, data, restarts.read(), stages)
+    return write_outputs(job, spec, result, data, restarts.read(), stages, warm)
 
 
 @contextlib.contextmanager
@@ -309,7 +336,7 @@ def _sigint_handler_restored():
 
 
 def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result, data: DataReport,
-                  restarts: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
+                  restarts: dict[str, Any], stages: dict[str, float], warm: dict[str, int]) -> dict[str, Any]:
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
@@ -330,6 +357,8 @@ def write_outputs(job: JobConfig, spec: DatasetSpec, result: ray.train.Result, d
     metrics["checkpoint"] = str(ckpt_dir)
     metrics["restarts"] = restarts  # worker-group failures Train recovered from (restarts.py)
     metrics["pre_training"] = pre_training(stages, summary["history"])
+    if warm:
+        metrics |= nest_metrics(warm)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     (out / "config.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
     plot_gates(summary["metrics"], spec.task_names, out / "gates.png")

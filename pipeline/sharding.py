@@ -203,3 +203,26 @@ def gathered_state(state: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         else:
             out[key] = value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
     return out if rank == 0 else None
+
+
+@torch.no_grad()
+def load_plain(module: torch.nn.Module, plain: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]) -> None:
+    """Copy a plain state dict (full tensors, as ``gathered_state`` makes) into this worker's shards of a
+    sharded model, in place. For a weight in ``rows``, row r takes ``plain[key][rows[key][r]]``, and a row
+    marked -1 keeps what it holds (a warm start's new ids keep their fresh initialisation)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    for key, value in module.state_dict().items():
+        if key not in plain:
+            continue
+        source = plain[key]
+        shards = ([(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in value.local_shards()]
+                  if isinstance(value, ShardedTensor) else [(value, [0] * value.dim(), list(value.shape))])
+        for target, offsets, sizes in shards:
+            cols = tuple(slice(o, o + n) for o, n in zip(offsets[1:], sizes[1:]))
+            if key in rows:
+                src_rows = rows[key][offsets[0]:offsets[0] + sizes[0]]
+                keep = src_rows >= 0
+                target[keep] = source[(src_rows[keep], *cols)].to(target.dtype)
+            else:
+                target.copy_(source[(slice(offsets[0], offsets[0] + sizes[0]), *cols)])

@@ -14,7 +14,9 @@ unrelated). The true probabilities are written to ``p_click`` / ``p_convert`` (a
 never features: AUC(label, p) is the Bayes ceiling of a task on any split.
 
 Generation is chunked (bounded memory) and deterministic by seed: chunk k of a split is drawn from
-``SeedSequence([seed, split, k])``; the world (latent tables, item/user attributes) from ``seed`` alone.
+``SeedSequence([seed, split, k])`` (plus the day, past day 0); the world (latent tables, item/user attributes)
+from ``seed`` alone, and a drifting log's day d (``day``) from it and the d days of drift drawn from
+``SeedSequence([seed, 7919, day])``: new users and items, shifted popularity, a little drift of the truth.
 """
 from __future__ import annotations
 
@@ -53,6 +55,14 @@ class SyntheticConfig:
     rows_per_file: int = 250_000
     row_group_rows: int = 65_536  # Parquet row group size: the unit a split is cut into for parallel reading
     seed: int = 0
+    # a drifting log: day d is the world of day 0 with d days of drift applied in order, each drawn from
+    # (seed, day): new users and items appear (at random popularity ranks), a share of the popularity ranks
+    # is reshuffled, and each task's ground-truth weights move by truth_drift of their norm
+    day: int = 0
+    new_users_per_day: float = 0.05  # of num_users
+    new_items_per_day: float = 0.05  # of num_items
+    popularity_shift: float = 0.1  # share of the ranks reshuffled per day
+    truth_drift: float = 0.1
 
     def __post_init__(self) -> None:
         if self.rows is None:
@@ -113,7 +123,37 @@ class _World:
         self.taste_bonus = 0.6  # the target item's category is among the user's favourites
         self.bias = {"click": 0.0, "cvr": 0.0}
         self.z_std = {"click": 1.0, "cvr": 1.0}
-        self._calibrate(rng)
+        self.user_rank, self.item_rank = np.arange(cfg.num_users), np.arange(cfg.num_items)  # popularity rank -> entity
+        for day in range(1, cfg.day + 1):  # their own streams: day 0 is the same world whatever the day
+            self._drift(np.random.default_rng(np.random.SeedSequence([cfg.seed, 7919, day])))
+        self._calibrate(rng)  # calibrated on the day's world: the same target rates every day
+
+    def _drift(self, rng: np.random.Generator) -> None:
+        """One day of drift: new users and items, shifted popularity, ground truth moved a little."""
+        cfg, d = self.cfg, self.cfg.latent_dim
+        new_users, new_items = round(cfg.new_users_per_day * cfg.num_users), round(cfg.new_items_per_day * cfg.num_items)
+        for group, n in (("user_id", new_users), ("item_id", new_items)):
+            self.latent[group] = np.concatenate([self.latent[group], (rng.standard_normal((n, d)) * _GROUP_SCALE[group]
+                                                                      / np.sqrt(d)).astype(np.float32)])
+            self.sizes[group] += n
+        category = _zipf_choice(rng, cfg.num_categories, new_items, 1.0)
+        self.item_category = np.concatenate([self.item_category, category])
+        self.item_brand = np.concatenate([self.item_brand, (category * 7 + rng.integers(0, 50, new_items)) % cfg.num_brands])
+        self.item_shop = np.concatenate([self.item_shop, rng.integers(0, cfg.num_shops, new_items)])
+        self.item_price = np.concatenate([self.item_price, np.exp(rng.normal(3.0, 1.0, new_items)).astype(np.float32)])
+        self.item_quality = np.concatenate([self.item_quality, rng.normal(0, 1, new_items).astype(np.float32)])
+        self.user_age = np.concatenate([self.user_age, rng.integers(0, 8, new_users)])
+        self.user_gender = np.concatenate([self.user_gender, rng.integers(0, 3, new_users)])
+        self.user_city = np.concatenate([self.user_city, rng.integers(0, 6, new_users)])
+        self.user_activity = np.concatenate([self.user_activity, rng.gamma(2.0, 1.0, new_users).astype(np.float32)])
+        self.user_taste = np.concatenate([self.user_taste, _zipf_choice(rng, cfg.num_categories, (new_users, 3), 1.0)])
+        # new raw ids follow the old ones, shuffled among themselves
+        self.user_perm = np.concatenate([self.user_perm, len(self.user_perm) + rng.permutation(new_users)])
+        self.item_perm = np.concatenate([self.item_perm, len(self.item_perm) + rng.permutation(new_items)])
+        self.user_rank = _shifted_ranks(rng, self.user_rank, new_users, cfg.popularity_shift)
+        self.item_rank = _shifted_ranks(rng, self.item_rank, new_items, cfg.popularity_shift)
+        for task, w in self.w.items():
+            self.w[task] = w + cfg.truth_drift * np.linalg.norm(w) * _unit(rng.standard_normal(w.shape))
 
     def _calibrate(self, rng: np.random.Generator) -> None:
         """Standardise each task's score, then set its bias so that the mean rate hits its target
@@ -135,8 +175,8 @@ class _World:
 
     def draw(self, rng: np.random.Generator, n: int, with_labels: bool = True) -> dict[str, np.ndarray]:
         cfg = self.cfg
-        users = _zipf_choice(rng, cfg.num_users, n, cfg.zipf_a)
-        items = _zipf_choice(rng, cfg.num_items, n, cfg.zipf_a)
+        users = self.user_rank[_zipf_choice(rng, len(self.user_rank), n, cfg.zipf_a)]
+        items = self.item_rank[_zipf_choice(rng, len(self.item_rank), n, cfg.zipf_a)]
         ids = {
             "user_id": users, "item_id": items, "item_category": self.item_category[items],
             "item_brand": self.item_brand[items], "item_shop": self.item_shop[items],
@@ -212,7 +252,8 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig, workers: int = 2) -> Pat
 
     def write(job: tuple[int, str, int, int]) -> None:
         split_index, split, k, n = job
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, split_index, k]))
+        # a later day draws its rows from streams of its own (day 0's are those from before the knob)
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, split_index, k] + ([cfg.day] if cfg.day else [])))
         table = pa.table(world.draw(rng, n))
         pq.write_table(table, tmp / split / f"part-{k:05d}.parquet", row_group_size=cfg.row_group_rows)
 
@@ -233,6 +274,15 @@ def _zipf_choice(rng: np.random.Generator, n: int, size, a: float) -> np.ndarray
     cdf = np.cumsum(weights)
     cdf /= cdf[-1]
     return np.minimum(np.searchsorted(cdf, rng.random(size)), n - 1)
+
+
+def _shifted_ranks(rng: np.random.Generator, ranks: np.ndarray, new: int, shift: float) -> np.ndarray:
+    """The popularity ranking after a day: ``new`` entities (numbered after the existing ones) inserted at
+    uniformly random ranks, then a ``shift`` share of the ranks permuted among themselves."""
+    ranks = np.insert(ranks, np.sort(rng.integers(0, len(ranks) + 1, new)), np.arange(len(ranks), len(ranks) + new))
+    moved = rng.choice(len(ranks), int(shift * len(ranks)), replace=False)
+    ranks[moved] = ranks[rng.permutation(moved)]
+    return ranks
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

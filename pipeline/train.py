@@ -32,6 +32,7 @@ from pipeline.data import Collate, tensor_batches, to_device
 from pipeline.diagnostics import GateStats, merge_states, summarize
 from pipeline.metrics import gather_to_rank0, predict_shard, split_metrics
 from pipeline.models import build_model
+from pipeline import warm_start
 from pipeline.sharding import dense_parameters, gathered_state, lockstep, shard
 from pipeline.weighting import LossWeighting
 
@@ -73,6 +74,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     weighting = LossWeighting(spec.task_names, cfg).to(device)
     optimizer = torch.optim.Adam(dense_parameters(model) + ([weighting.log_var] if cfg.loss_weighting == "uncertainty" else []),
                                  lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    if state is None and loop_config.get("init_from"):  # a warm start: the previous run's weights
+        warm_start.load_into(module, loop_config["init_from"])
     best_model = snapshot(model.state_dict())
     if state is not None:
         with checkpoint.as_directory() as d:

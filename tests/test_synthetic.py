@@ -66,3 +66,24 @@ def test_generation_is_deterministic_and_chunked(tmp_path):
     assert t.schema.field("hist_category").type.value_type == pa.int64()
     other = generate(tmp_path / "c", SyntheticConfig(**{**cfg.__dict__, "seed": 5}))
     assert not pq.read_table(other / files[1]).equals(pq.read_table(a / files[1]))
+
+
+def test_a_day_of_drift_keeps_the_world_and_adds_users_items_and_shifts():
+    cfg = dict(num_users=20_000, num_items=40_000, seed=2)
+    day0, day1, day2 = (_World(SyntheticConfig(**cfg, day=d)) for d in (0, 1, 2))
+    # the old users and items are the same people and things; the new ones are appended
+    assert np.array_equal(day2.user_age[:20_000], day0.user_age) and np.array_equal(day2.item_category[:40_000], day0.item_category)
+    assert np.array_equal(day2.latent["user_id"][:20_000], day0.latent["user_id"])
+    assert len(day1.user_age) == 21_000 and len(day2.user_age) == 22_000 and len(day2.item_perm) == 44_000
+    assert np.array_equal(day2.user_perm[:21_000], day1.user_perm)  # day 2 builds on day 1
+    assert sorted(day2.item_perm) == list(range(44_000))  # raw ids stay unique
+    # popularity shifts, and new users reach the head
+    assert not np.array_equal(day1.user_rank[:1000], day0.user_rank[:1000])
+    assert (day2.user_rank[:2000] >= 20_000).sum() > 50
+    # the ground truth drifts a little, and is calibrated to the same rates
+    cos = day1.w["click"] @ day0.w["click"] / np.linalg.norm(day1.w["click"]) / np.linalg.norm(day0.w["click"])
+    assert 0.9 < cos < 0.999
+    d0, d2 = (w.draw(np.random.default_rng(1), 100_000) for w in (day0, day2))
+    assert abs(d0["click"].mean() - d2["click"].mean()) < 0.01
+    new_users = np.isin(d2["user_id"], day2.user_perm[20_000:])
+    assert new_users.mean() > 0.03  # a day-2 log holds the new users' rows
