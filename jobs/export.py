@@ -2,7 +2,7 @@
 a portable form, and its spec (``pipeline.export``); ``pipeline.serving.Scorer`` loads the directory.
 
     python jobs/export.py --run outputs/ple --out export/ple
-    python jobs/export.py --run outputs/esmm/checkpoint --out export/esmm --onnx
+    python jobs/export.py --run outputs/esmm/checkpoint --out export/esmm
 """
 import argparse
 import sys
@@ -16,8 +16,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="a job's output directory, or a checkpoint directory")
     p.add_argument("--out", required=True, help="the artifact's directory")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx extra)")
     a = p.parse_args()
-    manifest = export_run(a.run, a.out, onnx=a.onnx)
-    print(f"exported {manifest['model']} ({', '.join(manifest['outputs'])}) to {a.out}"
-          + (f"; onnx: {manifest['onnx']}" if "onnx" in manifest else ""))
+    manifest = export_run(a.run, a.out)
+    print(f"exported {manifest['model']} ({', '.join(manifest['outputs'])}) to {a.out}")

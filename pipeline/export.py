@@ -6,7 +6,6 @@ The artifact is a directory:
                          lengths tensor per id feature (``spec.id_keys`` order; values int64, lengths int32
                          [B]) and dense [B, D]; its outputs prob and cond_prob, each [B, T] (``MultiTaskModel``).
                          Every size is dynamic: any batch, any sequence lengths, a batch of one.
-    model.onnx           the same model as ONNX (``--onnx``), where it exports cleanly
     preprocessing/       the fit preprocessing state in its portable form (``pipeline.encoding``)
     spec.json            the dataset spec: the raw columns the model reads and how each is encoded
     manifest.json        format, model name, tasks and their parents, output columns, the run's metrics
@@ -106,7 +105,7 @@ def output_columns(spec: DatasetSpec) -> dict[str, tuple[str, int]]:
     return out
 
 
-def export_run(run: str | Path, out: str | Path, onnx: bool = False) -> dict[str, Any]:
+def export_run(run: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the serving artifact of ``run`` (a job output or a checkpoint) to ``out``; returns its manifest."""
     import dataclasses
 
@@ -131,18 +130,6 @@ def export_run(run: str | Path, out: str | Path, onnx: bool = False) -> dict[str
         "precision": "fp32", "metrics": {k: v for k, v in summary.get("metrics", {}).items()
                                          if k.startswith(("valid/", "test/")) and "/gates/" not in k},
     }
-    if onnx:
-        manifest["onnx"] = export_onnx(program, out / "model.onnx")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
     return manifest
 
-
-def export_onnx(program: torch.export.ExportedProgram, path: Path) -> str:
-    """ONNX through ``torch.onnx.export`` of the exported program (needs the ``onnx`` extra). Returns what
-    happened, written to the manifest: a model whose ops ONNX lacks is reported, not half-written."""
-    try:
-        torch.onnx.export(program, (), str(path), dynamo=True)
-    except Exception as e:  # noqa: BLE001  (the reason goes to the manifest and the job's output)
-        path.unlink(missing_ok=True)
-        return f"not exported: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return path.name

@@ -212,7 +212,7 @@ def warm_start_study(out_dir: Path, train_rows: int = 500_000, eval_rows: int = 
               "the test split through its export",
               "- the warm start's vocabularies: " + "; ".join(f"{t}: {c['kept']} kept, {c['new']} new, {c['evicted']} evicted"
                                                               for t, c in warm.items() if isinstance(c, dict)),
-              f"- command: `python jobs/warm_start_study.py --train-rows {train_rows}`"]
+              f"- command: `python jobs/warm_start_study.py --train-rows {train_rows} --eval-rows {eval_rows}` (seed {seed})"]
     (out_dir / "warm_start.md").write_text("\n".join(lines) + "\n")
     (out_dir / "warm_start.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
