@@ -244,7 +244,7 @@ def complete_checkpoints(job: JobConfig, storage: str) -> list[str]:
 def check_resumable(job: JobConfig, storage: str) -> None:
     """A rerun with an existing run name resumes it; refuse when that run was made on other data or
     with another model, whose checkpoint would silently be evaluated on this data."""
-    fs, _ = filesystem(storage)
+    fs, root = filesystem(storage)
     complete = complete_checkpoints(job, storage)
     if not complete:
         return
