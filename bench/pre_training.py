@@ -39,6 +39,7 @@ def child(data: str, nodes: int) -> dict:
     try:
         with tempfile.TemporaryDirectory() as out:
             metrics = run(JobConfig(data=DataPaths(path=data, spec=str(SPEC_PATH)), name="pre-training", output=out))
+        tasks = stage_tasks()
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -47,7 +48,30 @@ def child(data: str, nodes: int) -> dict:
             "train rows": metrics["data"]["train"]["rows"], "validate s": pre["validate_seconds"],
             "fit s": pre["fit_seconds"], "to first step s": pre["seconds_to_first_step"],
             "restarts": metrics["restarts"]["count"],
-            "driver peak RSS MiB": peak_rss_mib()}
+            "driver peak RSS MiB": peak_rss_mib(), **tasks}
+
+
+STAGE_TASKS = ("check_piece", "fit_piece", "top_counts")  # validation's and the fit's Ray tasks
+
+
+def stage_tasks() -> dict:
+    """Where the stage's seconds go, from Ray's task events (the state API): the tasks' own running seconds
+    (summed, the work), the seconds each waited from submission to running (a worker process started for it,
+    or a free CPU), and the first wait on each node (its cold worker start)."""
+    from ray.util.state import list_tasks
+
+    tasks = [t for t in list_tasks(detail=True, limit=100_000, raise_on_missing_output=False)
+             if t.func_or_class_name.rsplit(".", 1)[-1] in STAGE_TASKS and t.start_time_ms and t.end_time_ms]
+    if not tasks:
+        return {}
+    first: dict[str, float] = {}
+    for t in sorted(tasks, key=lambda t: t.creation_time_ms):
+        first.setdefault(t.node_id, (t.start_time_ms - t.creation_time_ms) / 1e3)
+    span = (max(t.end_time_ms for t in tasks) - min(t.creation_time_ms for t in tasks)) / 1e3
+    return {"stage tasks": len(tasks), "task nodes": len(first),
+            "task run s (sum)": sum(t.end_time_ms - t.start_time_ms for t in tasks) / 1e3,
+            "task wait s (mean)": sum(t.start_time_ms - t.creation_time_ms for t in tasks) / 1e3 / len(tasks),
+            "first wait per node s (max)": max(first.values()), "tasks' span s": span}
 
 
 def peak_rss_mib() -> float:
@@ -91,7 +115,11 @@ def main() -> None:
                   "first training batch: validation, fit, Train's and the data pipeline's start-up",
                   "validation reads every split (train, valid, test: a tenth of train each); the fit reads train",
                   "each configuration in a fresh driver process; its peak RSS is that process alone",
-                  "worker nodes of 1 CPU each, the head 0 CPUs: 2 nodes are twice the CPUs of 1"],
+                  "worker nodes of 1 CPU each, the head 0 CPUs: 2 nodes are twice the CPUs of 1",
+                  "task columns, from Ray's task events for validation's and the fit's tasks (check_piece, fit_piece, "
+                  "top_counts): run s (sum) is their own running time, the stage's work; wait is submission to running; "
+                  "the first wait per node is the start of that node's first worker process; span is the first "
+                  "submission to the last task's end"],
                  f"python bench/pre_training.py --rows {n}")
 
 

@@ -30,7 +30,7 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         export = a.run
         if not (Path(a.run) / "manifest.json").exists():  # a run: export it first
-            export_run(a.run, tmp)
+            export_run(a.run, tmp, aoti=True)
             export = tmp
         s = predict(export, a.data, a.out, a.keys, a.on_bad_rows, a.actors, a.batch_rows)
     print(f"scored {s['rows_in']:,} rows -> {s['rows_out']:,} rows in {a.out} in {s['seconds']:.1f} s "

@@ -28,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline.checkpoint import code_version, filesystem
 from pipeline.config import ConfigError, DatasetSpec, JobConfig, TrainConfig
 from pipeline.data import BackpressureBackoff, Preprocessor, build_datasets, read_split
+from pipeline.models import warn_without_funnel
 from pipeline.plots import plot_gates, plot_learning_curves
 from pipeline.restarts import RestartLog, describe
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
@@ -267,6 +268,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     started = time.time()  # the job's start, as far as its start-up time goes (bench/pre_training.py)
     connect_ray()
     spec = DatasetSpec.load(job.data.spec)
+    warn_without_funnel(spec, job.model)
     data = validate_dataset(job.data.path, spec, on_bad_rows=job.data.on_bad_rows)
     validated = time.time()
     print(f"data {job.data.path}: {data.rows} rows, spec {spec.name!r} OK")

@@ -385,3 +385,33 @@ def test_models_have_no_state_in_buffers(spec, name):
         step(make_batch(spec, seed=seed))
     for key, value in model.named_buffers():
         torch.testing.assert_close(value, first[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_per_task_tower_sizes_are_used_by_every_model(spec, name):
+    """``model.towers`` sizes one task's tower (ESMM's CTR/CVR towers, AITM's per-step networks): the task's
+    tower has the layer asked for, the other task keeps the default, and the model still trains."""
+    def widths(model):
+        return {m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+
+    torch.manual_seed(0)
+    default = build_model(spec, ModelConfig(name=name))
+    sized = build_model(spec, ModelConfig(name=name, towers={"convert": [13, 7]}))
+    assert {13, 7} <= widths(sized) and not {13, 7} & widths(default)
+    out = sized(make_batch(spec))
+    assert out["prob"].shape == (64, 2)
+    out["prob"].sum().backward()
+
+
+@pytest.mark.parametrize("name", ["esmm", "aitm"])
+def test_funnel_models_on_a_spec_without_a_funnel_are_warned_about(spec, name):
+    from pipeline.models import warn_without_funnel
+
+    flat = from_dict(DatasetSpec, {**SPEC, "tasks": [{"name": "click"}, {"name": "convert"}]})
+    with pytest.warns(UserWarning, match=rf"model '{name}' needs a funnel: a task with depends_on .* spec 't' \(click, convert\)"):
+        warn_without_funnel(flat, ModelConfig(name=name))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_without_funnel(spec, ModelConfig(name=name))  # the funnel spec: nothing to say
+        warn_without_funnel(flat, ModelConfig(name="ple"))  # a model that needs none

@@ -55,14 +55,16 @@ def exported(request, ray_local, small_log, tmp_path_factory):
 
 def test_exported_model_scores_raw_rows_as_the_training_code_does(exported, small_log):
     name, run_dir, export_dir, metrics = exported
-    scorer = Scorer.load(export_dir)
+    scorer, portable = Scorer.load(export_dir), Scorer.load(export_dir, compiled=False)
+    assert (scorer.runtime, portable.runtime) == ("aoti", "export")  # jobs/export.py compiles for CPU by default
     raw = _raw(small_log)
     scored = scorer.score(raw)
     assert scored.num_rows == raw.num_rows
     prob, cond = _training_probs(run_dir, raw)
-    assert np.abs(scored["p_click"].to_numpy() - prob[:, 0]).max() <= 1e-5
-    assert np.abs(scored["p_convert"].to_numpy() - prob[:, 1]).max() <= 1e-5  # pCTCVR
-    assert np.abs(scored["p_convert_given_click"].to_numpy() - cond[:, 1]).max() <= 1e-5  # pCVR
+    for out in (scored, portable.score(raw)):  # the AOTInductor program and the portable one
+        assert np.abs(out["p_click"].to_numpy() - prob[:, 0]).max() <= 1e-5
+        assert np.abs(out["p_convert"].to_numpy() - prob[:, 1]).max() <= 1e-5  # pCTCVR
+        assert np.abs(out["p_convert_given_click"].to_numpy() - cond[:, 1]).max() <= 1e-5  # pCVR
     # the funnel: pCTCVR = pCTR x pCVR, never above pCTR
     np.testing.assert_allclose(scored["p_convert"].to_numpy(),
                                scored["p_click"].to_numpy() * scored["p_convert_given_click"].to_numpy(), rtol=1e-5)

@@ -31,22 +31,28 @@ class AIT(nn.Module):
 
 
 class AITM(MultiTaskModel):
+    needs_funnel = True
     chains_probabilities = False
 
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> None:
         super().__init__(spec, cfg, table_device)
-        self.bottoms = nn.ModuleList(MLP(self.front.out_dim, cfg.expert_hidden, cfg.dropout) for _ in spec.tasks)
-        dim = self.bottoms[0].out_dim
-        # only parents transfer and only children attend: no parameter without a gradient (DDP needs that)
-        self.transfer = nn.ModuleDict({str(p): nn.Linear(dim, dim) for p in sorted(set(self.parents) - {-1})})
-        self.ait = nn.ModuleDict({str(j): AIT(dim) for j, p in enumerate(self.parents) if p >= 0})
-        self.heads = nn.ModuleList(Logit(dim) for _ in spec.tasks)
+        self.bottoms = nn.ModuleList(MLP(self.front.out_dim, self.tower_hidden(t), cfg.dropout) for t in spec.task_names)
+        dims = [b.out_dim for b in self.bottoms]
+        # only parents transfer and only children attend: no parameter without a gradient (DDP needs that).
+        # A transfer maps the parent's representation to its child's width (towers may differ in size).
+        self.transfer = nn.ModuleDict({f"{p}-{j}": nn.Linear(dims[p], dims[j]) for j, p in enumerate(self.parents) if p >= 0})
+        self.ait = nn.ModuleDict({str(j): AIT(dims[j]) for j, p in enumerate(self.parents) if p >= 0})
+        self.heads = nn.ModuleList(Logit(d) for d in dims)
+
+    def tower_hidden(self, task: str) -> list[int]:
+        # each task's network on the embeddings (the paper's tower): expert_hidden unless model.towers sizes it
+        return self.cfg.towers.get(task, self.cfg.expert_hidden)
 
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
         z: list[torch.Tensor] = []
         for j, parent in enumerate(self.parents):  # parents come first, so z[parent] exists
             own = self.bottoms[j](x)
-            z.append(own if parent < 0 else self.ait[str(j)](F.relu(self.transfer[str(parent)](z[parent])), own))
+            z.append(own if parent < 0 else self.ait[str(j)](F.relu(self.transfer[f"{parent}-{j}"](z[parent])), own))
         return torch.stack([head(zj) for head, zj in zip(self.heads, z)], dim=1)
 
     def regularizer(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ class MultiTaskModel(nn.Module):
     probabilities directly (AITM) sets ``chains_probabilities = False``."""
 
     chains_probabilities = True
+    needs_funnel = False  # a funnel model (ESMM, AITM): warned about on a spec without depends_on
 
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> None:
         super().__init__()

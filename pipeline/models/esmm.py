@@ -13,6 +13,7 @@ from pipeline.models.base import MultiTaskModel
 
 
 class ESMM(MultiTaskModel):
+    needs_funnel = True
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> None:
         if cfg.dependent_loss != "esmm":
             raise ValueError("ESMM trains dependent tasks over the exposure space: dependent_loss must be 'esmm'")

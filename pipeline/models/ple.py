@@ -34,7 +34,7 @@ class PLE(MultiTaskModel):
             if level < cfg.num_levels - 1:
                 self.shared_gates.append(Gate(in_dim, S + T * K))
             in_dim = self.experts[-1].out_dim
-        self.towers = nn.ModuleList(Tower(in_dim, cfg.tower_hidden, cfg.dropout) for _ in spec.tasks)
+        self.towers = nn.ModuleList(Tower(in_dim, self.tower_hidden(t), cfg.dropout) for t in spec.task_names)
 
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
         shared, tasks = x, None  # level 0: every stream is the embedding front's output
