@@ -60,8 +60,9 @@ def stage_tasks() -> dict:
     or a free CPU), and the first wait on each node (its cold worker start)."""
     from ray.util.state import list_tasks
 
-    tasks = [t for t in list_tasks(detail=True, limit=100_000, raise_on_missing_output=False)
-             if t.func_or_class_name.rsplit(".", 1)[-1] in STAGE_TASKS and t.start_time_ms and t.end_time_ms]
+    tasks = [t for name in STAGE_TASKS
+             for t in list_tasks(filters=[("name", "=", name)], detail=True, limit=10_000, raise_on_missing_output=False)
+             if t.start_time_ms and t.end_time_ms]
     if not tasks:
         return {}
     first: dict[str, float] = {}

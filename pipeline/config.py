@@ -21,9 +21,16 @@ from pipeline.features import (ConfigError, DatasetSpec, DenseFeature, Embedding
 # ----------------------------------------------------------------------------- training config
 
 
+ModelName = Literal["single_task", "shared_bottom", "omoe", "mmoe", "ple", "esmm", "aitm"]  # pipeline.models.MODELS
+Precision = Literal["auto", "fp32", "bf16"]
+Objective = Literal["mean_auc", "min_auc", "weighted_auc"]
+LossWeighting = Literal["fixed", "decay", "uncertainty", "gradnorm"]
+BadRowPolicy = Literal["fail", "drop"]
+
+
 @dataclass
 class ModelConfig:
-    name: str = "ple"  # single_task | shared_bottom | omoe | mmoe | ple | esmm | aitm
+    name: ModelName = "ple"
     # hidden sizes of each expert; also the bottom MLP of shared_bottom, single_task and aitm
     expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
     tower_hidden: list[int] = field(default_factory=lambda: [32])
@@ -35,16 +42,13 @@ class ModelConfig:
     dropout: float = 0.0
     # how a task with depends_on is trained: "esmm" = p(task) = p(parent) * p(task | parent) with the
     # loss over all exposures; "masked" = a plain head trained on the parent-positive rows only.
-    dependent_loss: str = "esmm"
+    dependent_loss: Literal["esmm", "masked"] = "esmm"
     aitm_constraint_weight: float = 0.6  # AITM's label-constraint loss weight (the paper's alpha)
     embedding_dim: Optional[int] = None  # overrides every table's dim from the spec (a Tune knob)
     # how the embedding tables are sharded across the workers (TorchRec): auto lets TorchRec's planner choose
     # per table (on CPU: table-wise up to 1 GiB a table, row-wise above; pipeline.sharding); or one
     # sharding type for every table
     sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = "auto"
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -61,14 +65,14 @@ class TrainConfig:
     table_lr: float = 0.05
     loss_weights: dict[str, float] = field(default_factory=dict)  # task -> weight (default 1)
     # fixed | uncertainty (Kendall et al. 2018) | gradnorm (Chen et al. 2018) | decay (PLE: w0 * gamma^epoch)
-    loss_weighting: str = "fixed"
+    loss_weighting: LossWeighting = "fixed"
     loss_weight_decay: dict[str, float] = field(default_factory=dict)  # decay: task -> gamma (default 1)
     gradnorm_alpha: float = 1.5
     gradnorm_lr: float = 0.025
     patience: int = 1  # early stopping: epochs without validation improvement
     # the validation objective for early stopping, model selection and Tune: mean_auc, min_auc, or
     # weighted_auc (the tasks' AUCs weighted by objective_weights, default 1 each)
-    early_stop_metric: str = "mean_auc"
+    early_stop_metric: Objective = "mean_auc"
     objective_weights: dict[str, float] = field(default_factory=dict)
     num_workers: int = 2
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
@@ -83,7 +87,7 @@ class TrainConfig:
     data_buffer_mb: int = 512
     max_failures: int = 2
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 autocast where the GPU or CPU has native bf16, else fp32) | fp32 | bf16
+    precision: Precision = "auto"  # auto (bf16 autocast where the GPU or CPU has native bf16, else fp32) | fp32 | bf16
     # torch.compile the experts, gates and towers (not the embedding lookup: Inductor takes no sparse gradients).
     # PLE on this repo's 2-core CPU: +20-27 % samples/s after a 7-18 s compile per worker (and one more for
     # evaluation), so it pays on epochs of several million rows, not on the 1M-row default (docs/NOTES.md)
@@ -106,10 +110,6 @@ class TrainConfig:
             raise ConfigError(f"train.step_threads must be 0 (auto) or a number of threads, got {self.step_threads}")
         if self.data_buffer_mb <= 0:
             raise ConfigError(f"train.data_buffer_mb must be positive, got {self.data_buffer_mb}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.early_stop_metric not in ("mean_auc", "min_auc", "weighted_auc"):
-            raise ConfigError(f"train.early_stop_metric must be mean_auc, min_auc or weighted_auc, got {self.early_stop_metric!r}")
 
 
 @dataclass
@@ -119,12 +119,11 @@ class DataPaths:
     # rows with a null, a label outside {0, 1}, a conversion without its click, a NaN/inf dense value or a
     # negative / out-of-range id: "fail" refuses the data (file, column, count); "drop" leaves those rows
     # out of training and evaluation and reports the counts per split, column and reason
-    on_bad_rows: str = "fail"
+    on_bad_rows: BadRowPolicy = "fail"
 
     def __post_init__(self) -> None:
         self.path, self.spec = os.path.expanduser(self.path), os.path.expanduser(self.spec)  # ~/ as a shell would
-        if self.on_bad_rows not in ("fail", "drop"):
-            raise ConfigError(f"data.on_bad_rows must be fail or drop, got {self.on_bad_rows!r}")
+
 
 
 @dataclass
@@ -181,7 +180,7 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Literal:
+    if origin is typing.Literal:  # every string choice of a config or spec is checked here, and only here
         if value not in args:
             raise ConfigError(f"{where}: must be one of {'|'.join(map(str, args))}, got {value!r}")
         return value

@@ -30,11 +30,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline.config import DatasetSpec, TrainConfig
 from pipeline.encoding import IDS, FeatureEncoder
+from pipeline.ray_compat import ExecutionCallback, executor_progress
 from pipeline.features import as_floats
 from pipeline.validate import TASK_OPTIONS, Piece, bad_row_masks, cluster_cpus, parquet_pieces, split_files
 
@@ -335,9 +335,7 @@ class BackpressureBackoff(ExecutionCallback):
         self.last: tuple | None = None
 
     def on_execution_step(self, executor) -> None:
-        ops = list(getattr(executor, "_topology", None) or {})
-        progress = tuple((op.metrics.num_inputs_received, op.metrics.num_task_outputs_generated,
-                          op.metrics.num_outputs_taken, op.num_active_tasks()) for op in ops)
-        if ops and progress == self.last:
+        progress = executor_progress(executor)
+        if progress and progress == self.last:
             time.sleep(0.01)
         self.last = progress

@@ -34,7 +34,7 @@ from pipeline.restarts import RestartLog, describe
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
 from pipeline.sharding import check_table_optimizer
 from pipeline.train import step_threads, train_loop_per_worker
-from pipeline import warm_start
+from pipeline import ray_compat, warm_start
 from pipeline.validate import DataReport, validate_dataset
 
 DEFAULT_CACHE = Path(os.environ.get("MTREC_CACHE", Path.home() / ".cache" / "mtrec"))
@@ -86,12 +86,11 @@ class ExactSplitDataConfig(DataConfig):
         for claim in self._claims.values():
             Path(claim).unlink(missing_ok=True)
         for shards in self._started.values():
-            # private: the coordinator behind a streaming split's iterators (Ray 2.60 has no public handle)
-            ray.kill(shards[0]._coord_actor, no_restart=True)
+            ray.kill(ray_compat.split_coordinator(shards), no_restart=True)
         self._started, self._started_for, self._claims = {}, None, {}
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        hints = worker_node_ids if self._enable_shard_locality else None
+        hints = worker_node_ids if ray_compat.shard_locality(self) else None
         split, output = self._split_names(datasets), [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             if name in split:
@@ -116,18 +115,19 @@ class ExactSplitDataConfig(DataConfig):
         if {(node, world_size) for node in worker_node_ids} == {self._started_for}:
             return self._started[name]
         # split with locality hints for the driver's node; their coordinator would idle until the run's end
-        ray.kill(self._started[name][0]._coord_actor, no_restart=True)  # private: see release_splits
+        ray.kill(ray_compat.split_coordinator(self._started[name]), no_restart=True)
         return None
 
     def _split_names(self, datasets) -> set[str]:
-        return set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+        names = ray_compat.datasets_to_split(self)
+        return set(datasets) if names == "all" else set(names)
 
     def _split(self, name: str, ds: ray.data.Dataset, world_size: int, hints: list[str] | None) -> list:
         return self._with_options(name, ds).streaming_split(world_size, equal=False, locality_hints=hints)
 
     def _with_options(self, name: str, ds: ray.data.Dataset) -> ray.data.Dataset:
         ds = ds.copy(ds)
-        options = self._resolve_execution_options(name)
+        options = ray_compat.execution_options(self, name)
         if self.buffer_bytes is not None:
             options.resource_limits = options.resource_limits.copy(object_store_memory=self.buffer_bytes)
         ds.context.execution_options = options
@@ -144,8 +144,7 @@ def connect_ray(progress: bool = False) -> None:
     # its own first, which put 2-4 s before every epoch's first batch here (V1: 0.4-1.3 s) for the same
     # steady throughput (bench/results/throughput.md, docs/NOTES.md)
     ctx.use_datasource_v2 = False
-    if BackpressureBackoff not in ctx.custom_execution_callback_classes:  # see its docstring
-        ctx.custom_execution_callback_classes.append(BackpressureBackoff)
+    ray_compat.add_execution_callback(ctx, BackpressureBackoff)  # see its docstring
 
 
 WORKER_MEMORY_RESERVED = 256 * 2**20  # what a worker reserves on a node with no CPU to spare (scaling_for_cluster)

@@ -15,14 +15,11 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 
-STRATEGIES = ("fixed", "decay", "uncertainty", "gradnorm")
 
 
 class LossWeighting(nn.Module):
     def __init__(self, tasks: list[str], cfg: TrainConfig) -> None:
         super().__init__()
-        if cfg.loss_weighting not in STRATEGIES:
-            raise ValueError(f"loss_weighting must be one of {STRATEGIES}, got {cfg.loss_weighting!r}")
         unknown = (set(cfg.loss_weights) | set(cfg.loss_weight_decay)) - set(tasks)
         if unknown:
             raise ValueError(f"loss weights name unknown tasks {sorted(unknown)}; tasks are {tasks}")

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.config import DatasetSpec, ModelConfig, TrainConfig, from_dict
+from pipeline.config import DatasetSpec, JobConfig, ModelConfig, TrainConfig, from_dict
 from pipeline.data import Collate
 from pipeline.layers import MLP, EmbeddingFront, Experts, Gate, Tower
 from pipeline.models import MODELS, build_model
@@ -261,8 +261,8 @@ def test_compiled_task_logits_match_eager(spec):
 
 
 def test_unknown_model_and_bad_task_order(spec):
-    with pytest.raises(ValueError, match="unknown model 'xyz'"):
-        build_model(spec, ModelConfig(name="xyz"))
+    with pytest.raises(ValueError, match=r"model.name: must be one of single_task\|.*got 'xyz'"):
+        from_dict(JobConfig, {"model": {"name": "xyz"}})
     bad = from_dict(DatasetSpec, {**SPEC, "tasks": [{"name": "convert", "depends_on": "click"}, {"name": "click"}]})
     with pytest.raises(ValueError, match="listed before"):
         build_model(bad, ModelConfig())

@@ -193,27 +193,3 @@ def test_backpressure_backoff_sleeps_only_after_a_step_without_progress(monkeypa
     metrics.num_outputs_taken += 1
     backoff.on_execution_step(executor)  # the consumer took a block
     assert slept == [0.01]
-
-
-class _SeenSteps(BackpressureBackoff):
-    steps: list = []
-
-    def on_execution_step(self, executor) -> None:
-        super().on_execution_step(executor)
-        _SeenSteps.steps.append(len(self.last))  # the operators the backoff saw
-
-
-def test_ray_data_calls_the_backoff_with_the_executors_operators(ray_local):
-    """The backoff reads the executor's private ``_topology``: this Ray must still have it (else it would be a
-    silent no-op), and connect_ray registers the backoff for every dataset."""
-    from pipeline.job import connect_ray
-
-    connect_ray()
-    ctx = ray.data.DataContext.get_current()
-    assert BackpressureBackoff in ctx.custom_execution_callback_classes
-    ctx.custom_execution_callback_classes.append(_SeenSteps)
-    try:
-        rows = sum(len(b["id"]) for b in ray.data.range(1000, override_num_blocks=4).map_batches(lambda b: b).iter_batches())
-    finally:
-        ctx.custom_execution_callback_classes.remove(_SeenSteps)
-    assert rows == 1000 and _SeenSteps.steps and max(_SeenSteps.steps) >= 2

@@ -20,6 +20,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.metrics import roc_auc_score
 
+from pipeline import ray_compat
 from pipeline.checkpoint import PREPROCESSOR_FILE, load_state
 from pipeline.config import ConfigError, DataPaths, JobConfig, ModelConfig, TrainConfig
 from pipeline.job import ExactSplitDataConfig, run
@@ -66,7 +67,7 @@ def test_global_auc_equals_sklearn_on_all_rows_with_two_workers(ray_local, tmp_p
 
 
 def _coordinator(shard) -> str:
-    return shard._coord_actor._actor_id.hex()  # the split coordinator actor behind a worker's shard
+    return ray_compat.split_coordinator([shard])._actor_id.hex()  # the split coordinator behind a worker's shard
 
 
 def test_splits_the_driver_started_go_to_the_first_worker_group_on_their_node_only(ray_local):
@@ -96,7 +97,7 @@ def test_splits_the_driver_started_go_to_the_first_worker_group_on_their_node_on
     # take any more is ended at once, not left idle until the run's end
     for name, world_size, nodes in (("valid", 1, ["another-node"]), ("test", 2, [node, node])):
         assert _coordinator(configure(first_group, name, world_size, nodes)) != started[name]
-        ended(config._started[name][0]._coord_actor)
+        ended(ray_compat.split_coordinator(config._started[name]))
         assert _coordinator(configure(first_group, name, 1, [node])) != started[name]  # gone for good
 
     unclaimed = ExactSplitDataConfig()
@@ -107,12 +108,12 @@ def test_splits_the_driver_started_go_to_the_first_worker_group_on_their_node_on
     assert _coordinator(configure(copy_made_before, "train", 1, [node])) != left_over
     # ... and the coordinators the driver started, taken or not, are ended then (not left to exit on their
     # own when their handles go, where Ray 2.60 aborts now and then: docs/NOTES.md): calls to them fail
-    to_end = [config._started["train"][0]._coord_actor, shards[-2]._coord_actor]
+    to_end = [ray_compat.split_coordinator(config._started["train"]), ray_compat.split_coordinator(shards[-2:-1])]
     config.release_splits()
     for coordinator in to_end:
         ended(coordinator)
     for s in shards:  # the fresh splits too, as Train's own are ended with its dataset manager
-        ray.kill(s._coord_actor, no_restart=True)
+        ray.kill(ray_compat.split_coordinator([s]), no_restart=True)
 
 
 def _job(small_log, tmp_path, epochs, name="ple2"):

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 import warnings
 
-from pipeline.config import DatasetSpec, ModelConfig, from_dict
+from pipeline.config import DatasetSpec, ModelConfig, ModelName, from_dict
 from pipeline.models.aitm import AITM
 from pipeline.models.base import MultiTaskModel, multitask_loss  # noqa: F401  (re-exported)
 from pipeline.models.bottom import SharedBottom, SingleTask
@@ -29,9 +30,10 @@ def warn_without_funnel(spec: DatasetSpec, cfg: ModelConfig) -> None:
                       + ". Add depends_on to the spec, or pick a model such as ple or mmoe", UserWarning, stacklevel=2)
 
 
+assert set(MODELS) == set(typing.get_args(ModelName)), "pipeline.config.ModelName lists the models by name"
+
+
 def build_model(spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> MultiTaskModel:
-    if cfg.name not in MODELS:
-        raise ValueError(f"unknown model {cfg.name!r}; known: {sorted(MODELS)}")
     if cfg.embedding_dim is not None:  # one dim for every table: rebuild the spec's tables with it
         raw = dataclasses.asdict(spec)
         for f in raw["sparse"] + raw["sequences"]:

@@ -97,8 +97,6 @@ def per_task_losses(out: dict[str, torch.Tensor], labels: torch.Tensor, parents:
     task with ``dependent_loss: esmm``: BCE of the chained P(task) against its exposure-space label over
     all rows (ESMM's CTCVR loss: no sample selection bias). With ``masked``: BCE of its own head on the
     rows whose parent label is 1 only (the classic CVR model, trained on clicks)."""
-    if dependent_loss not in ("esmm", "masked"):
-        raise ValueError(f"dependent_loss must be esmm or masked, got {dependent_loss!r}")
     losses = []
     for j, p in enumerate(parents):
         y = labels[:, j]
