@@ -8,7 +8,6 @@ import platform
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from pipeline.config import DatasetSpec, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data import Collate, Preprocessor  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.sharding import dense_parameters, local_process_group, shard  # noqa: E402
-from pipeline.train import BatchStep, freed_memory_kept, mixed_precision, step_threads  # noqa: E402
+from pipeline.step import BatchStep, freed_memory_kept, mixed_precision, step_threads  # noqa: E402
 from pipeline.weighting import LossWeighting  # noqa: E402
 from pipeline.validate import split_files  # noqa: E402
 
@@ -156,7 +155,7 @@ def tight_loop(spec: DatasetSpec, model_cfg: ModelConfig, rows: pa.Table, train:
         step = BatchStep(model, LossWeighting(spec.task_names, train), optimizer,
                          lambda: mixed_precision(train.precision, torch.device("cpu")), threads_per_step)
         try:
-            with freed_memory_kept() if train.keep_freed_memory else nullcontext():  # as the pipeline's training steps
+            with freed_memory_kept(train.keep_freed_memory):  # as the pipeline's training steps
                 for batch in batches[:warmup_steps]:
                     step(batch)
                 t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from pipeline import adult
 from pipeline.config import DataPaths, DatasetSpec, JobConfig, ModelConfig, TrainConfig
 from pipeline.job import connect_ray, default_synthetic_data, fit_or_load_preprocessor
 from pipeline.synthetic import SPEC_PATH
-from pipeline.train import uses_bf16
+from pipeline.step import uses_bf16
 
 
 # the peers concatenate their sparse embeddings along a feature axis, so every table gets one dim; ours take
@@ -207,7 +207,7 @@ def main() -> None:
          "and the in-memory loop train the same rows, already preprocessed in memory",
          "torch-rechub's MLP layers carry BatchNorm (its design); the layer sizes are the same",
          "threads: all use this machine's cores; ours, a lone CPU worker, splits each step's batch across threads "
-         "(train.step_threads auto, pipeline.train.BatchStep); the peers run each step in one thread with torch's "
+         "(train.step_threads auto, pipeline.step.BatchStep); the peers run each step in one thread with torch's "
          "intra-op parallelism"],
         "python bench/peer.py " + " ".join(sys.argv[1:]))
 

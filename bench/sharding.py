@@ -34,7 +34,7 @@ from pipeline.data import Collate, empty_rows
 from pipeline.models import build_model
 from pipeline.sharding import dense_parameters, lockstep, shard
 from pipeline.synthetic import SPEC_PATH
-from pipeline.train import BatchStep, mixed_precision
+from pipeline.step import BatchStep, mixed_precision
 
 BASELINE = "f819fae"  # main before the TorchRec engine
 

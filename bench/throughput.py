@@ -31,7 +31,7 @@ from common import limit_in_a_train_worker, preprocessed_rows, tight_loop, witho
 from pipeline.config import DataPaths, DatasetSpec, JobConfig, ModelConfig, TrainConfig
 from pipeline.job import connect_ray, default_synthetic_data, fit_or_load_preprocessor, run
 from pipeline.synthetic import SPEC_PATH
-from pipeline.train import step_threads, uses_bf16
+from pipeline.step import step_threads, uses_bf16
 
 
 def pipeline_samples_per_s(data: str, model: ModelConfig, workers: int, out: str, name: str,
@@ -125,7 +125,7 @@ def main() -> None:
          f"paired: each run's ratio is to the mean of the limit measured right before and right after it (Ray shut "
          f"down meanwhile); the table shows the median of {a.repeats} runs of each kind and the range of their ratios",
          f"the step: train.step_threads {default.step_threads} (auto): a lone CPU worker's batch split across "
-         f"{step_threads(default, os.cpu_count(), use_gpu=False, num_workers=1)} threads (pipeline.train.BatchStep), "
+         f"{step_threads(default, os.cpu_count(), use_gpu=False, num_workers=1)} threads (pipeline.step.BatchStep), "
          "in the limit and the 1-worker pipeline alike; 2 workers take 1 thread each and do not split",
          "limit measurements in order, samples/s: " + ", ".join(f"{v:,.0f}" for v in limits),
          "one-thread-step limit, first and last, samples/s: " + ", ".join(f"{v:,.0f}" for v in unsplit_limits),

@@ -4,12 +4,9 @@
     python jobs/correlation_study.py --out docs/results/correlation
 """
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
-
-from pipeline.studies import CORRELATIONS, STUDY_MODELS, correlation_study  # noqa: E402
+from pipeline.studies import CORRELATIONS, STUDY_MODELS, correlation_study
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -4,12 +4,8 @@
     python jobs/generate_synthetic.py --out data/day-2 --day 2   # the same world, two days of drift later
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
-
-from pipeline.synthetic import SyntheticConfig, generate  # noqa: E402
+from pipeline.synthetic import SyntheticConfig, generate
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

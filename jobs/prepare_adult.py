@@ -9,13 +9,9 @@ data is datasets/uci-adult/; the protocol is pipeline.adult.py.
 """
 import argparse
 import shutil
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
-
-from pipeline.convert import format_report  # noqa: E402
-from pipeline.adult import SPEC_PATH, prepare_adult  # noqa: E402
+from pipeline.convert import format_report
+from pipeline.adult import SPEC_PATH, prepare_adult
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -3,12 +3,7 @@
     python jobs/train_mmoe.py                       # local Ray, default data, writes outputs/mmoe/
     ray job submit --working-dir . -- python jobs/train_mmoe.py --workers 4 --gpu
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
-
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli import main
 
 if __name__ == "__main__":
     main("mmoe")

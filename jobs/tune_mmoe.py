@@ -4,12 +4,9 @@
     python jobs/tune_mmoe.py --data s3://bucket/log --spec log.yaml --storage-path s3://bucket/tune
     python jobs/train_ple.py --config outputs/tune-mmoe/best.yaml        # train the best config
 """
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
-
-from pipeline.tune_cli import main  # noqa: E402
+from pipeline.tune_cli import main
 
 if __name__ == "__main__":
     main(str(Path(__file__).resolve().parents[1] / "tune_spaces" / "mmoe.yaml"))

@@ -4,12 +4,9 @@ start, a warm start from day 1 with the same budget); per-task test AUC against 
     python jobs/warm_start_study.py --out docs/results/warm_start
 """
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
-
-from pipeline.studies import warm_start_study  # noqa: E402
+from pipeline.studies import warm_start_study
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -109,3 +109,8 @@ def main(model: str | None, argv: list[str] | None = None) -> None:
     from pipeline.job import run
 
     run(parse_args(model, argv))
+
+
+def console_main() -> None:
+    """``mtrec-train``: any model by ``--model`` (default ple)."""
+    main(None)

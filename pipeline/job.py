@@ -33,7 +33,8 @@ from pipeline.plots import plot_gates, plot_learning_curves
 from pipeline.restarts import RestartLog, describe
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
 from pipeline.sharding import check_table_optimizer
-from pipeline.train import step_threads, train_loop_per_worker
+from pipeline.step import step_threads
+from pipeline.train import train_loop_per_worker
 from pipeline import ray_compat, warm_start
 from pipeline.validate import DataReport, validate_dataset
 

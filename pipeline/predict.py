@@ -105,3 +105,34 @@ def predict(export_dir: str, data: str, out: str, keys: list[str], on_bad_rows: 
     first = manifest["outputs"] and next(iter(manifest["outputs"]))
     return {"rows_in": rows_in, "rows_out": rows_out, "seconds": seconds, "rows_per_s": rows_in / max(seconds, 1e-9),
             "scored_as_null": nulls.get(first, 0), "actors": actors, "gpu": use_gpu, "model_version": manifest["version"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``jobs/predict.py`` and ``mtrec-predict``."""
+    import argparse
+    import sys
+    import tempfile
+
+    from pipeline.export import export_run
+    from pipeline.job import connect_ray
+
+    p = argparse.ArgumentParser(description="Score a Parquet log with an exported model (or a run) on Ray Data.")
+    p.add_argument("--run", required=True, help="an export (jobs/export.py), a job's output or a checkpoint")
+    p.add_argument("--data", required=True, help="Parquet files: a directory or a URI")
+    p.add_argument("--out", required=True, help="where the scores go: a directory or a URI")
+    p.add_argument("--keys", nargs="*", default=[], help="input columns copied to each output row (e.g. request_id)")
+    p.add_argument("--on-bad-rows", choices=["fail", "null"], default="fail",
+                   help="rows with bad values: refuse the data, naming file, column and count (default), or score them as nulls")
+    p.add_argument("--actors", type=int, help="scoring actors (default: one per GPU, else one per CPU)")
+    p.add_argument("--batch-rows", type=int, default=65_536, help="rows per Ray Data batch an actor scores")
+    a = p.parse_args(argv)
+    connect_ray(progress=sys.stdout.isatty())  # the bars on a terminal; one line per operator update in logs
+    with tempfile.TemporaryDirectory() as tmp:
+        export = a.run
+        if not (Path(a.run) / "manifest.json").exists():  # a run: export it first
+            export_run(a.run, tmp, aoti=True)
+            export = tmp
+        s = predict(export, a.data, a.out, a.keys, a.on_bad_rows, a.actors, a.batch_rows)
+    print(f"scored {s['rows_in']:,} rows -> {s['rows_out']:,} rows in {a.out} in {s['seconds']:.1f} s "
+          f"({s['rows_per_s']:,.0f} rows/s, {s['actors']} {'GPU' if s['gpu'] else 'CPU'} actor(s), "
+          f"model {s['model_version']}); scored as null: {s['scored_as_null']}")

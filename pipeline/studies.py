@@ -198,6 +198,13 @@ def warm_start_study(out_dir: Path, train_rows: int = 500_000, eval_rows: int = 
         t0 = time.time()
         rows.append(row(way, _run_once(job(name, 2, init)), time.time() - t0))
     warm = json.loads((out_dir / "runs" / "day2-warm" / "metrics.json").read_text()).get("warm_start", {})
+    write_warm_start_table(out_dir, rows, warm, day1_seconds, model, train_rows, eval_rows, epochs, workers, seed)
+    return rows
+
+
+def write_warm_start_table(out_dir: Path, rows: list[dict], warm: dict, day1_seconds: float, model: str,
+                           train_rows: int, eval_rows: int, epochs: int, workers: int, seed: int) -> None:
+    """The study's table (warm_start.md, printed) and rows (warm_start.json)."""
     lines = [f"# Warm start on a drifting log: day 2 three ways ({model}, {train_rows:,} train rows a day, "
              f"{epochs} epoch(s), {workers} workers)", "", environment(), "",
              "| day 2 model | click AUC | click oracle | gap | convert (CTCVR) AUC | convert oracle | gap | seconds |",
@@ -216,4 +223,3 @@ def warm_start_study(out_dir: Path, train_rows: int = 500_000, eval_rows: int = 
     (out_dir / "warm_start.md").write_text("\n".join(lines) + "\n")
     (out_dir / "warm_start.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
-    return rows

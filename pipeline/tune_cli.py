@@ -54,3 +54,8 @@ def main(default_space: str | None, argv: list[str] | None = None) -> dict:
     if not a.no_compare:
         summary["test"] = compare_with_default(space, job, out)
     return summary
+
+
+def console_main() -> None:
+    """``mtrec-tune --space tune_spaces/ple.yaml``: the search space file is required."""
+    main(None)

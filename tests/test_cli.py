@@ -58,3 +58,18 @@ def test_a_search_space_objective_is_checked_by_the_loader(tmp_path):
     path.write_text("model: ple\nobjective: best_auc\nspace: {}\n")
     with pytest.raises(ConfigError, match=r"objective: must be one of mean_auc\|min_auc\|weighted_auc, got 'best_auc'"):
         TuneSpace.load(path)
+
+
+def test_console_scripts_are_installed_and_run():
+    import shutil
+    import subprocess
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e for e in entry_points(group="console_scripts") if e.name.startswith("mtrec-")}
+    assert set(scripts) == {"mtrec-train", "mtrec-tune", "mtrec-convert", "mtrec-export", "mtrec-predict"}
+    for name, entry in scripts.items():
+        assert callable(entry.load()), name
+        exe = shutil.which(name)
+        assert exe, f"{name} is not on PATH (pip install -e . installs it)"
+        done = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "usage:" in done.stdout, (name, done.stderr[-1000:])

@@ -19,7 +19,7 @@ from pipeline.layers import MLP, EmbeddingFront, Experts, Gate, Tower
 from pipeline.models import MODELS, build_model
 from pipeline.models.base import multitask_loss
 from pipeline.sharding import dense_parameters, gathered_state, shard
-from pipeline.train import BatchStep
+from pipeline.step import BatchStep
 from pipeline.weighting import LossWeighting
 
 SPEC = {
@@ -302,7 +302,7 @@ def test_ple_routing_equals_a_loop_over_tasks_and_experts(spec):
 
 
 def test_bf16_autocast_keeps_heads_and_parameters_fp32(spec):
-    from pipeline.train import mixed_precision, uses_bf16
+    from pipeline.step import mixed_precision, uses_bf16
 
     assert uses_bf16("bf16", torch.device("cpu")) and not uses_bf16("fp32", torch.device("cpu"))
     for name in ("ple", "mmoe", "esmm", "aitm"):

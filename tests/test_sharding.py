@@ -21,7 +21,8 @@ from pipeline.config import DatasetSpec, ModelConfig, TrainConfig, from_dict  # 
 from pipeline.data import Collate  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.sharding import dense_parameters, gathered_state, lockstep, shard  # noqa: E402
-from pipeline.train import BatchStep, load_sharded, mixed_precision, save_sharded  # noqa: E402
+from pipeline.checkpoint import load_sharded, save_sharded  # noqa: E402
+from pipeline.step import BatchStep, mixed_precision  # noqa: E402
 from pipeline.weighting import LossWeighting  # noqa: E402
 
 

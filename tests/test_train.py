@@ -25,7 +25,7 @@ from pipeline.checkpoint import PREPROCESSOR_FILE, load_state
 from pipeline.config import ConfigError, DataPaths, JobConfig, ModelConfig, TrainConfig
 from pipeline.job import ExactSplitDataConfig, run
 from pipeline.metrics import split_metrics
-from pipeline.train import step_threads
+from pipeline.step import step_threads
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
 
 
@@ -258,7 +258,7 @@ def test_keep_freed_memory_stops_refaulting_a_steps_buffers():
     (before evaluation) trims what the heap kept. In a fresh process, as a Train worker is."""
     code = textwrap.dedent("""
         import resource, torch
-        from pipeline.train import freed_memory_kept
+        from pipeline.step import freed_memory_kept
         def step():  # a step's activations: eight 4 MiB buffers allocated, used, then all freed
             buffers = [torch.ones(1 << 20) for _ in range(8)]
             return sum(float(b[0]) for b in buffers)
