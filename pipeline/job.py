@@ -141,6 +141,7 @@ def connect_ray(progress: bool = False) -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress  # off in training: one line per operator per update floods job logs
+    ctx.print_on_execution_start = progress  # "Starting execution" and the plan, per split per epoch: off in training
     # Parquet through Ray Data's V1 datasource: the V2 one (the 2.60 default) lists the files in a task of
     # its own first, which put 2-4 s before every epoch's first batch here (V1: 0.4-1.3 s) for the same
     # steady throughput (bench/results/throughput.md, docs/NOTES.md)
@@ -299,7 +300,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         train_loop_config={
             "job": job.to_dict(), "spec": _spec_dict(spec), "preprocessor": pre_path,
             "torch_threads": threads, "step_threads": threads_per_step, "code_version": code_version(),
-            "init_from": init_path,
+            "init_from": init_path, "train_rows": data.rows.get("train", 0),
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=scaling,

@@ -3,6 +3,8 @@ what it relies on; all were checked against Ray 2.60 (``CHECKED_WITH``). ``tests
 loudly when a Ray upgrade moves or renames any of them."""
 from __future__ import annotations
 
+import logging
+
 import ray
 import ray.data
 
@@ -51,3 +53,14 @@ def execution_options(config: "ray.train.DataConfig", name: str) -> "ray.data.Ex
     """The execution options a DataConfig gives dataset ``name`` (its argument, or Train's defaults). Private:
     ``_resolve_execution_options`` is how DataConfig.configure resolves them, with no public counterpart."""
     return config._resolve_execution_options(name)
+
+
+def quiet_train_reports() -> None:
+    """Turn down Ray Train's INFO lines per report on every worker ("Reporting training result N:
+    TrainingReport(...)" and "Checkpoint successfully created at: ..."; two long lines per worker per epoch).
+    Private: Train V2 has no verbosity setting for them, and the first comes from a logger named by its
+    module's file path."""
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline import warm_start
+from pipeline import ray_compat, warm_start
 from pipeline.checkpoint import load_sharded, load_state, report, snapshot
 from pipeline.config import DatasetSpec, JobConfig, TrainConfig, from_dict
 from pipeline.data import Collate, tensor_batches, to_device
@@ -37,6 +38,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     job, spec = from_dict(JobConfig, loop_config["job"]), from_dict(DatasetSpec, loop_config["spec"])
     cfg, rank, device = job.train, ray.train.get_context().get_world_rank(), ray.train.torch.get_device()
     train_shard = open_shards()
+    ray_compat.quiet_train_reports()  # the run's own lines (progress, one per epoch, the table) are what it shows
     threads = loop_config["step_threads"]
     torch.set_num_threads(max(1, loop_config["torch_threads"] // threads))
     torch.manual_seed(cfg.seed)  # same initial dense weights on every worker; DDP also broadcasts them
@@ -57,7 +59,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              "progress": progress}
 
     while epoch_batches is not None:  # per epoch: train, evaluate on validation, keep the best, checkpoint
-        metrics = train_epoch(step, epoch_batches, weighting, spec, cfg, progress["epoch"], threads)
+        shown = EpochProgress(progress["epoch"], cfg.epochs, loop_config.get("train_rows", 0), enabled=rank == 0)
+        metrics = train_epoch(step, epoch_batches, weighting, spec, cfg, progress["epoch"], threads, shown)
         metrics |= evaluate(model.module, "valid", spec, cfg, autocast)  # rank 0 only; others get {}
         if end_epoch(progress, metrics, cfg, rank):  # this epoch's model is the best so far:
             best_model = snapshot(model.state_dict())  # every worker keeps its shards of it
@@ -99,7 +102,7 @@ def sharded_model(spec: DatasetSpec, job: JobConfig, device: torch.device, rank:
     model, plan = shard(build_model(spec, job.model, table_device="meta"), job.model.sharding, job.train.table_optimizer,
                         job.train.table_lr, device, job.train.batch_size)
     if rank == 0:
-        print("embedding tables: " + "; ".join(f"{t} {p}" for t, p in plan.items()))
+        say("embedding tables: " + "; ".join(f"{t} {p}" for t, p in plan.items()))
     if job.train.compile:  # dynamic: evaluation's larger batches reuse the compiled graph
         model.module.task_logits = torch.compile(model.module.task_logits, dynamic=True)
     return model, {f"plan/{t}": p for t, p in plan.items()}
@@ -116,12 +119,12 @@ def restore_or_initialise(model, weighting, optimizer, checkpoint, state, progre
             best_model = load_sharded(d, model, best_model)
         weighting.load_state_dict(state["weighting"])
         optimizer.load_state_dict(state["optimizer"])
-        print(f"resumed from the checkpoint of epoch {progress['epoch'] - 1} (resume {progress['resumes']})")
+        say(f"resumed from the checkpoint of epoch {progress['epoch'] - 1} (resume {progress['resumes']})")
     return best_model
 
 
 def train_epoch(step: BatchStep, batches: Iterator[dict], weighting: LossWeighting, spec: DatasetSpec,
-                cfg: TrainConfig, epoch: int, threads: int) -> dict[str, float]:
+                cfg: TrainConfig, epoch: int, threads: int, shown: "EpochProgress") -> dict[str, float]:
     """One pass over this worker's shard, in lockstep with the others (shards can differ by a batch or two);
     the epoch's training metrics, reduced over the workers."""
     weighting.set_epoch(epoch)
@@ -136,10 +139,51 @@ def train_epoch(step: BatchStep, batches: Iterator[dict], weighting: LossWeighti
             if first_batch_seconds is None:  # what is left of the data pipeline's start-up
                 first_batch_seconds, first_rows = time.time() - t0, batch["rows"]
             loss, per_task = step(batch)  # forward, backward (the tables' update inside it), dense update
+            shown.update(batch["rows"])
             loss_sum += torch.cat([loss[None], per_task]) * batch["rows"]
             rows += torch.tensor([batch["rows_read"], batch["rows"]], dtype=rows.dtype)
     return _train_metrics(spec, loss_sum, rows, t0, time.time() - t0, first_batch_seconds, first_rows, epoch,
                           threads) | {f"train/{k}": v for k, v in weights_used.items()}
+
+
+def say(line: str) -> None:
+    """A line for the user from a worker. Train V2 patches ``print`` in its workers to log through the root
+    logger and also to copy to stdout, so a plain print reached the driver's terminal twice; this writes to
+    the process's own stdout, once."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
+class EpochProgress:
+    """Rank 0's progress within an epoch: a line every ``every`` seconds with the rows so far (this worker's
+    times the workers), samples/s and the time left. A line, not a redrawn bar: a worker's output reaches the
+    user as Ray's log lines, on a terminal and in ``ray job submit`` logs alike."""
+
+    def __init__(self, epoch: int, epochs: int, total_rows: int, every: float = 10.0, enabled: bool = True) -> None:
+        self.epoch, self.epochs, self.total, self.every, self.enabled = epoch, epochs, total_rows, every, enabled
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rows, self.started = 0, time.time()
+        self.last = self.started
+
+    def update(self, rows: int) -> None:
+        self.rows += rows
+        now = time.time()
+        if not self.enabled or now - self.last < self.every:
+            return
+        self.last, done = now, self.rows * self.world
+        rate = done / max(now - self.started, 1e-9)
+        left = f", {max(self.total - done, 0) / max(rate, 1e-9):.0f} s left" if self.total else ""
+        share = f" ({min(done / self.total, 1.0):.0%})" if self.total else ""
+        say(f"epoch {self.epoch + 1}/{self.epochs}: {done:,} rows{share}, {rate:,.0f} samples/s{left}")
+
+
+def epoch_line(metrics: dict, cfg: TrainConfig, progress: dict) -> str:
+    """One line per epoch: the per-task train loss and validation AUC, the speed, and early stopping's view."""
+    tasks = [k.split("/")[1] for k in metrics if k.startswith("valid/") and k.endswith("/auc") and k.count("/") == 2]
+    loss = ", ".join(f"{t} {metrics[f'train/{t}/loss']:.4f}" for t in tasks if f"train/{t}/loss" in metrics)
+    auc = ", ".join(f"{t} {metrics[f'valid/{t}/auc']:.4f}" for t in tasks)
+    best = "best so far" if progress["best_epoch"] == metrics["epoch"] else f"best epoch {progress['best_epoch'] + 1}"
+    return (f"epoch {metrics['epoch'] + 1}/{cfg.epochs}: train loss {loss} | valid AUC {auc} | "
+            f"{metrics['train/samples_per_s']:,.0f} samples/s, {metrics['train/seconds']:.0f} s | {best}")
 
 
 def end_epoch(progress: dict, metrics: dict, cfg: TrainConfig, rank: int) -> bool:
@@ -152,6 +196,7 @@ def end_epoch(progress: dict, metrics: dict, cfg: TrainConfig, rank: int) -> boo
             progress |= {"best_score": score, "best_epoch": epoch}
         progress["history"].append(metrics)
         progress["stopped"] = epoch - progress["best_epoch"] >= cfg.patience
+        say(epoch_line(metrics, cfg, progress))
     progress["epoch"] = epoch + 1
     progress["stopped"], best_epoch = _broadcast((progress["stopped"], progress["best_epoch"]))
     return best_epoch == epoch

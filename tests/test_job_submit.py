@@ -93,6 +93,10 @@ def test_ray_job_submit_runs_the_training_job(head_node, small_log, tmp_path):
     assert "succeeded" in logs
     # the job's own output came back through the job logs: its table and where it wrote
     assert "test   click" in logs and f"wrote {out / 'metrics.json'}" in logs
+    # a run you can read: one line per epoch from rank 0, and not Train's per-report dumps or Data's plans
+    assert "epoch 1/1: train loss click" in logs and "| valid AUC click" in logs
+    for noise in ("Reporting training result", "Checkpoint successfully created", "Execution plan of Dataset"):
+        assert noise not in logs, noise
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["click"]["auc"] > 0.6 and metrics["test"]["rows"] == 10_000
     assert (out / "checkpoint" / "state.pt").exists()
