@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ from pipeline.config import ConfigError, DatasetSpec, JobConfig, TrainConfig
 from pipeline.data import BackpressureBackoff, Preprocessor, build_datasets, read_split
 from pipeline.models import warn_without_funnel
 from pipeline.plots import plot_gates, plot_learning_curves
+from pipeline.progress import DriverBar, board_for_terminal
 from pipeline.restarts import RestartLog, describe
 from pipeline.synthetic import SPEC_PATH, SyntheticConfig, generate
 from pipeline.sharding import check_table_optimizer
@@ -290,6 +292,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     print(f"workers: {scaling.num_workers} x {scaling.resources_per_worker} ({threads} torch threads each"
           + (f", each step split across {threads_per_step} threads)" if threads_per_step > 1 else ")"))
 
+    board = board_for_terminal()  # a progress bar on the driver's terminal; none in job logs
     datasets = build_datasets(job.data.path, spec, pre, shuffle_window=job.train.shuffle_window,
                               workers=scaling.num_workers)
     data_config = ExactSplitDataConfig(buffer_bytes=job.train.data_buffer_mb * 2**20)
@@ -300,7 +303,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         train_loop_config={
             "job": job.to_dict(), "spec": _spec_dict(spec), "preprocessor": pre_path,
             "torch_threads": threads, "step_threads": threads_per_step, "code_version": code_version(),
-            "init_from": init_path, "train_rows": data.rows.get("train", 0),
+            "init_from": init_path, "train_rows": data.rows.get("train", 0), "board": board,
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=scaling,
@@ -314,7 +317,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         ),
     )
     try:
-        with _sigint_handler_restored():
+        with _sigint_handler_restored(), DriverBar(board, sys.stdout) if board is not None else contextlib.nullcontext():
             result = trainer.fit()
     except Exception:
         print("\n".join(describe(restarts.read())))  # the failures before the one that ended the run

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from pipeline.data import Collate, tensor_batches, to_device
 from pipeline.diagnostics import GateStats, merge_states, summarize
 from pipeline.metrics import gather_to_rank0, predict_shard, split_metrics
 from pipeline.models import build_model
+from pipeline.progress import EpochProgress, say
 from pipeline.sharding import dense_parameters, gathered_state, lockstep, shard
 from pipeline.step import BatchStep, freed_memory_kept, mixed_precision
 from pipeline.weighting import LossWeighting
@@ -59,7 +59,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              "progress": progress}
 
     while epoch_batches is not None:  # per epoch: train, evaluate on validation, keep the best, checkpoint
-        shown = EpochProgress(progress["epoch"], cfg.epochs, loop_config.get("train_rows", 0), enabled=rank == 0)
+        shown = EpochProgress(progress["epoch"], cfg.epochs, loop_config.get("train_rows", 0),
+                              dist.get_world_size() if dist.is_initialized() else 1, loop_config.get("board"), rank == 0)
         metrics = train_epoch(step, epoch_batches, weighting, spec, cfg, progress["epoch"], threads, shown)
         metrics |= evaluate(model.module, "valid", spec, cfg, autocast)  # rank 0 only; others get {}
         if end_epoch(progress, metrics, cfg, rank):  # this epoch's model is the best so far:
@@ -144,36 +145,6 @@ def train_epoch(step: BatchStep, batches: Iterator[dict], weighting: LossWeighti
             rows += torch.tensor([batch["rows_read"], batch["rows"]], dtype=rows.dtype)
     return _train_metrics(spec, loss_sum, rows, t0, time.time() - t0, first_batch_seconds, first_rows, epoch,
                           threads) | {f"train/{k}": v for k, v in weights_used.items()}
-
-
-def say(line: str) -> None:
-    """A line for the user from a worker. Train V2 patches ``print`` in its workers to log through the root
-    logger and also to copy to stdout, so a plain print reached the driver's terminal twice; this writes to
-    the process's own stdout, once."""
-    print(line, file=sys.__stdout__, flush=True)
-
-
-class EpochProgress:
-    """Rank 0's progress within an epoch: a line every ``every`` seconds with the rows so far (this worker's
-    times the workers), samples/s and the time left. A line, not a redrawn bar: a worker's output reaches the
-    user as Ray's log lines, on a terminal and in ``ray job submit`` logs alike."""
-
-    def __init__(self, epoch: int, epochs: int, total_rows: int, every: float = 10.0, enabled: bool = True) -> None:
-        self.epoch, self.epochs, self.total, self.every, self.enabled = epoch, epochs, total_rows, every, enabled
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rows, self.started = 0, time.time()
-        self.last = self.started
-
-    def update(self, rows: int) -> None:
-        self.rows += rows
-        now = time.time()
-        if not self.enabled or now - self.last < self.every:
-            return
-        self.last, done = now, self.rows * self.world
-        rate = done / max(now - self.started, 1e-9)
-        left = f", {max(self.total - done, 0) / max(rate, 1e-9):.0f} s left" if self.total else ""
-        share = f" ({min(done / self.total, 1.0):.0%})" if self.total else ""
-        say(f"epoch {self.epoch + 1}/{self.epochs}: {done:,} rows{share}, {rate:,.0f} samples/s{left}")
 
 
 def epoch_line(metrics: dict, cfg: TrainConfig, progress: dict) -> str:
