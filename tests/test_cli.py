@@ -73,3 +73,21 @@ def test_console_scripts_are_installed_and_run():
         assert exe, f"{name} is not on PATH (pip install -e . installs it)"
         done = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "usage:" in done.stdout, (name, done.stderr[-1000:])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["sequences"][0].update(pooling="median"), "sequences[0].pooling: must be one of mean|sum|max, got 'median'"),
+    (lambda s: s["dense"][0].update(normalize="minmax"), "dense[0].normalize: must be one of standard|log_standard|none"),
+])
+def test_a_spec_choice_names_its_key(edit, message):
+    import copy
+
+    from pipeline.config import ConfigError, DatasetSpec, from_dict
+
+    spec = {"name": "t", "sparse": [{"name": "user", "vocab_size": 30, "dim": 8}],
+            "sequences": [{"name": "hist", "table": "user", "max_len": 5}], "dense": [{"name": "a"}],
+            "tasks": [{"name": "click"}]}
+    assert from_dict(DatasetSpec, copy.deepcopy(spec)).task_names == ["click"]
+    edit(spec)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("|", r"\|")):
+        from_dict(DatasetSpec, spec)
