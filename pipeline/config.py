@@ -21,7 +21,7 @@ from pipeline.features import (ConfigError, DatasetSpec, DenseFeature, Embedding
 # ----------------------------------------------------------------------------- training config
 
 
-ModelName = Literal["single_task", "shared_bottom", "omoe", "mmoe", "ple", "esmm", "aitm"]  # pipeline.models.MODELS
+ModelName = Literal["single_task", "shared_bottom", "omoe", "mmoe", "ple", "esmm", "aitm", "dupn", "mose", "metaheac"]  # pipeline.models.MODELS
 Precision = Literal["auto", "fp32", "bf16"]
 Objective = Literal["mean_auc", "min_auc", "weighted_auc"]
 LossWeighting = Literal["fixed", "decay", "uncertainty", "gradnorm"]
@@ -49,6 +49,20 @@ class ModelConfig:
     # per table (on CPU: table-wise up to 1 GiB a table, row-wise above; pipeline.sharding); or one
     # sharding type for every table
     sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = "auto"
+    # how every behaviour sequence is read (overrides the spec's per-sequence ``encoder``): pooled, target
+    # attention with the candidate as query (DIN), or an LSTM's last state (pipeline.sequence). dupn and mose
+    # read the sequences themselves, with LSTMs
+    sequence_encoder: Optional[Literal["pool", "target_attention", "lstm"]] = None
+    sequence_hidden: int = 32  # LSTM state size (the lstm encoder, DUPN, each MoSE expert)
+    attention_hidden: list[int] = field(default_factory=lambda: [32])  # the attention score MLPs
+    num_critics: int = 3  # MetaHeac: critics (shared task heads) mixed per task
+    task_embedding_dim: int = 8  # MetaHeac: the task embeddings its gates read
+    meta_inner_lr: float = 0.1  # MetaHeac: the inner (support) step's learning rate
+    meta_support: float = 0.5  # MetaHeac: the share of each batch's rows in the support part
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.meta_support < 1.0:
+            raise ConfigError(f"model.meta_support is the support part's share of a batch, in (0, 1); got {self.meta_support}")
 
 
 @dataclass

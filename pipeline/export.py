@@ -44,7 +44,7 @@ class ExportedHeads(torch.nn.Module):
 
         ids = KeyedJaggedTensor(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths),
                                 length_per_key=[v.size(0) for v in values], stride=dense.size(0))
-        out = self.model.heads_from(self.model.front(ids, dense))
+        out = self.model({"ids": ids, "dense": dense})
         return out["prob"], out["cond_prob"]
 
 

@@ -159,6 +159,12 @@ class IdListFeature(_IdSizing):
 
     max_len: int = 20
     pooling: Literal["mean", "sum", "max"] = "mean"
+    # how the model reads the sequence (pipeline.sequence): pooled by ``pooling``; target attention (DIN) with
+    # the ``query`` feature's embedding (the candidate); or an LSTM over it, its last state. Anything but pool
+    # looks the sequence up un-pooled (an ``EmbeddingCollection``), the ids in their order
+    encoder: Literal["pool", "target_attention", "lstm"] = "pool"
+    # target attention's query: a single-id feature of the same dim; default: the one sharing this table
+    query: Optional[str] = None
     kind: ClassVar[str] = "id_list"
 
     def accepted_types(self, table: EmbeddingTable) -> tuple[set[str], str]:
@@ -301,15 +307,37 @@ class DatasetSpec:
             if f.sizing() is None:
                 f.dim = table.dim
             table.features.append(f.name)
+        for f in self.sequences:
+            f.query = self._query(f, tables) if f.encoder == "target_attention" else f.query
         for table in tables.values():  # pooled in TorchRec when all its id lists pool alike, by sum or mean
-            poolings = {f.pooling for f in self.id_features if f.table_name == table.name and f.pooling is not None}
-            if not poolings:
+            lists = [f for f in self.sequences if f.table_name == table.name]
+            poolings = {f.pooling for f in lists}
+            if any(f.encoder != "pool" for f in lists):
+                table.pooling = None  # a sequence read in order: looked up un-pooled
+            elif not poolings:
                 table.pooling = "sum"
             elif len(poolings) == 1 and poolings <= {"sum", "mean"}:
                 (table.pooling,) = poolings
             else:
                 table.pooling = None
         return tables
+
+    def _query(self, f: IdListFeature, tables: dict[str, EmbeddingTable]) -> str:
+        """Target attention's query feature: the one named, or the single-id feature sharing the sequence's table."""
+        if f.query is None:
+            same = [s.name for s in self.sparse if s.table_name == f.table_name]
+            if len(same) != 1:
+                raise ConfigError(f"sequence {f.name!r} (encoder: target_attention) needs a query: name the candidate's "
+                                  f"feature with query: (single-id features sharing table {f.table_name!r}: {same})")
+            return same[0]
+        query = next((s for s in self.sparse if s.name == f.query), None)
+        if query is None:
+            raise ConfigError(f"sequence {f.name!r}: query {f.query!r} is not a single-id feature of the spec "
+                              f"({[s.name for s in self.sparse]})")
+        if tables[query.table_name].dim != tables[f.table_name].dim:
+            raise ConfigError(f"sequence {f.name!r}: query {f.query!r} has dim {tables[query.table_name].dim}, the "
+                              f"sequence {tables[f.table_name].dim}; target attention needs one dim")
+        return f.query
 
     @property
     def id_features(self) -> list[IdFeature | IdListFeature]:

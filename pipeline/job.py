@@ -29,7 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline.checkpoint import code_version, filesystem
 from pipeline.config import ConfigError, DatasetSpec, JobConfig, TrainConfig
 from pipeline.data import BackpressureBackoff, Preprocessor, build_datasets, read_split
-from pipeline.models import warn_without_funnel
+from pipeline.models import MODELS, model_spec, warn_without_funnel
 from pipeline.plots import plot_gates, plot_learning_curves
 from pipeline.progress import DriverBar, board_for_terminal
 from pipeline.restarts import RestartLog, describe
@@ -287,7 +287,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
         print(f"warm start from {job.init_from}: " + ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in warm.items()))
     stages = {"started": started, "validate_seconds": validated - started, "fit_seconds": time.time() - validated}
     scaling, threads = scaling_for_cluster(job.train)
-    threads_per_step = step_threads(job.train, threads, scaling.use_gpu, scaling.num_workers)
+    threads_per_step = step_threads(job.train, threads, scaling.use_gpu, scaling.num_workers, MODELS[job.model.name].splits_rows)
     check_table_optimizer(job.train.table_optimizer, scaling.use_gpu)
     print(f"workers: {scaling.num_workers} x {scaling.resources_per_worker} ({threads} torch threads each"
           + (f", each step split across {threads_per_step} threads)" if threads_per_step > 1 else ")"))
@@ -301,7 +301,7 @@ def run(job: JobConfig, callbacks: list | None = None) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "job": job.to_dict(), "spec": _spec_dict(spec), "preprocessor": pre_path,
+            "job": job.to_dict(), "spec": _spec_dict(model_spec(spec, job.model)), "preprocessor": pre_path,
             "torch_threads": threads, "step_threads": threads_per_step, "code_version": code_version(),
             "init_from": init_path, "train_rows": data.rows.get("train", 0), "board": board,
         },

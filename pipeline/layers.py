@@ -17,19 +17,25 @@ class EmbeddingFront(nn.Module):
     The tables the spec pools by sum or mean (``EmbeddingTable.pooling``) are one ``EmbeddingBagCollection``:
     FBGEMM's batched kernels look up and pool every feature in one call, and under
     ``DistributedModelParallel`` they are sharded and updated by an optimizer fused into the backward
-    (``pipeline.sharding``). A table with a max-pooled feature is looked up un-pooled, in an
-    ``EmbeddingCollection`` per embedding dim (TorchRec's ``EmbeddingCollection`` takes one dim), and pooled
-    here. A shared table (the behaviour sequence of categories and the target item's category) is stored
-    once. An empty id list pools to zeros.
+    (``pipeline.sharding``). A table with a max-pooled feature, or with a sequence read in order (its
+    ``encoder``: target attention, an LSTM), is looked up un-pooled, in an ``EmbeddingCollection`` per
+    embedding dim (TorchRec's ``EmbeddingCollection`` takes one dim), and pooled or encoded here
+    (``pipeline.sequence``). A shared table (the behaviour sequence of categories and the target item's
+    category) is stored once. An empty id list pools or encodes to zeros.
+
+    With ``raw_sequences`` (a model that reads the sequences itself: DUPN, MoSE), the sequences with an
+    encoder are left out of the output and handed over padded by ``embed``.
 
     ``device="meta"`` builds the tables without memory, for ``DistributedModelParallel`` to materialise
     only this worker's shards."""
 
-    def __init__(self, spec: DatasetSpec, init_std: float = 0.02, device: torch.device | str | None = None) -> None:
+    def __init__(self, spec: DatasetSpec, init_std: float = 0.02, device: torch.device | str | None = None,
+                 attention_hidden: list[int] = (32,), sequence_hidden: int = 32, raw_sequences: bool = False) -> None:
         super().__init__()
         from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
         device = torch.device(device or "cpu")
+        self.spec, self.keys = spec, spec.id_keys
         pooled = [t.torchrec_config(init_std) for t in spec.tables.values() if t.pooling is not None]
         self.bags = EmbeddingBagCollection(tables=pooled, device=device) if pooled else None
         # the pooled features' order in the output: the unsharded collection's. A sharded one returns its
@@ -37,24 +43,57 @@ class EmbeddingFront(nn.Module):
         self.bag_keys = [n for c in pooled for n in c.feature_names]
         self.split_sizes = [len(spec.pooled_keys)]
         self.seqs = nn.ModuleList()
-        self.seq_pooling: list[list[tuple[str, str]]] = []  # per EmbeddingCollection: (feature, pooling)
+        self.seq_keys: list[list[str]] = []  # per EmbeddingCollection: its features
         for dim in sorted({t.dim for t in spec.tables.values() if t.pooling is None}):
             tables = [t for t in spec.tables.values() if t.pooling is None and t.dim == dim]
             self.seqs.append(EmbeddingCollection(tables=[t.torchrec_config(init_std) for t in tables], device=device))
-            names = [n for t in tables for n in t.features]
-            self.seq_pooling.append([(n, spec.feature(n).pooling or "sum") for n in names])
-            self.split_sizes.append(len(names))
-        self.out_dim = sum(spec.tables[f.table_name].dim for f in spec.id_features) + len(spec.dense)
+            self.seq_keys.append([n for t in tables for n in t.features])
+            self.split_sizes.append(len(self.seq_keys[-1]))
+        ordered = [f for f in spec.sequences if f.encoder != "pool"]
+        self.raw = [f.name for f in ordered] if raw_sequences else []
+        self.encoders = nn.ModuleDict({f.name: SequenceEncoder(f.encoder, f.dim, f.max_len, list(attention_hidden),
+                                                               sequence_hidden) for f in ordered if not raw_sequences})
+        dims = {f.name: self.encoders[f.name].out_dim if f.name in self.encoders else 0 if f.name in self.raw
+                else spec.tables[f.table_name].dim for f in spec.id_features}
+        self.out_dim = sum(dims.values()) + len(spec.dense)
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        """The embedding tables' parameters: what the fused optimizer updates in the backward."""
+        return [p for m in [self.bags, *self.seqs] if m is not None for p in m.parameters()]
 
     def forward(self, ids, dense: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embed(ids, dense)[0]
+
+    def embed(self, ids, dense: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(the output [B, out_dim]; for ``raw_sequences``, each of them padded [B, L, D] and its mask [B, L])."""
+        if ids.keys() != self.keys:  # batches built from a spec that pools differently (before ``model_spec``)
+            ids = ids.permute([ids.keys().index(k) for k in self.keys])
         groups = ids.split(self.split_sizes) if len(self.split_sizes) > 1 else [ids]
-        parts = [self._in_order(self.bags(groups[0]))] if self.bags is not None else []
-        for collection, pooling, group in zip(self.seqs, self.seq_pooling, groups[1:]):
+        bagged = self.bags(groups[0]) if self.bags is not None else None
+        parts = [self._in_order(bagged)] if bagged is not None else []
+        raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for collection, keys, group in zip(self.seqs, self.seq_keys, groups[1:]):
             looked_up = collection(group)
-            parts += [pool_jagged(looked_up[name].values(), looked_up[name].lengths(), how) for name, how in pooling]
+            rows = {}
+            for name in keys:
+                f = self.spec.feature(name)
+                values, lengths = looked_up[name].values(), looked_up[name].lengths()
+                if f.kind == "id":  # one id per row, gathered so that its size is the batch's
+                    rows[name] = padded(values, lengths, 1)[0][:, 0]
+                elif f.encoder == "pool":
+                    rows[name] = pool_jagged(values, lengths, f.pooling)
+                else:
+                    raw[name] = padded(values, lengths, f.max_len)
+            for name in keys:
+                if name in self.encoders:
+                    f = self.spec.feature(name)
+                    query = None if f.query is None else rows[f.query] if f.query in rows else bagged[f.query]
+                    rows[name] = self.encoders[name](*raw[name], query)
+                if name in rows:
+                    parts.append(rows[name])
         if dense is not None and dense.shape[-1] > 0:
             parts.append(dense)
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1), [raw[name] for name in self.raw]
 
     def _in_order(self, pooled) -> torch.Tensor:
         if pooled.keys() == self.bag_keys:
@@ -155,3 +194,7 @@ class Tower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.mlp(x))
+
+
+# the sequence layers build on MLP above (and the front uses them)
+from pipeline.sequence import SequenceEncoder, padded  # noqa: E402

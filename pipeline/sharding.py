@@ -100,7 +100,7 @@ def shard(model: torch.nn.Module, sharding: str, table_optimizer: str, table_lr:
     """The model with its embedding front sharded over the default process group, and the plan: table ->
     "sharding type on ranks"."""
     quiet()
-    apply_optimizer_in_backward(TABLE_OPTIMIZERS[table_optimizer], model.front.parameters(), {"lr": table_lr})
+    apply_optimizer_in_backward(TABLE_OPTIMIZERS[table_optimizer], model.front.table_parameters(), {"lr": table_lr})
     world = dist.get_world_size()
     bags = [c.name for c in model.front.bags.embedding_bag_configs()] if model.front.bags is not None else []
     sequences = [c.name for m in model.front.seqs for c in m.embedding_configs()]

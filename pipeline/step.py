@@ -17,11 +17,14 @@ from pipeline.config import ConfigError, TrainConfig
 from pipeline.weighting import LossWeighting
 
 
-def step_threads(cfg: TrainConfig, torch_threads: int, use_gpu: bool, num_workers: int) -> int:
-    """The threads that share each training step (``train.step_threads``, 0: auto; see ``BatchStep``)."""
+def step_threads(cfg: TrainConfig, torch_threads: int, use_gpu: bool, num_workers: int, model_splits: bool = True) -> int:
+    """The threads that share each training step (``train.step_threads``, 0: auto; see ``BatchStep``).
+    ``model_splits``: the model's step can be split after the front (``MultiTaskModel.splits_rows``)."""
     unsupported = [what for what, applies in (("several workers", num_workers > 1), ("GPUs", use_gpu),
                                               ("gradnorm weighting", cfg.loss_weighting == "gradnorm"),
-                                              ("compile", cfg.compile)) if applies]
+                                              ("compile", cfg.compile),
+                                              ("a model whose step does not split (dupn, mose, metaheac)",
+                                               not model_splits)) if applies]
     if cfg.step_threads == 0:
         return 1 if unsupported else min(2, torch_threads)
     if cfg.step_threads > 1 and unsupported:
@@ -61,7 +64,7 @@ class BatchStep:
 
     def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         n, labels = batch["rows"], batch["labels"][:batch["rows"]]
-        if self.pool is None or n < 2:
+        if self.pool is None or n < 2 or not self.module.splits_rows:
             with self.autocast():
                 out = self.model(batch)
                 real = {k: v[:n] for k, v in out.items()}

@@ -31,12 +31,19 @@ class MultiTaskModel(nn.Module):
 
     chains_probabilities = True
     needs_funnel = False  # a funnel model (ESMM, AITM): warned about on a spec without depends_on
+    # a model that reads the behaviour sequences itself (DUPN, MoSE): task_logits(x, sequences), the sequences
+    # padded (``EmbeddingFront.embed``); and needs them in order (an LSTM): ``model_spec`` un-pools them
+    reads_sequences = False
+    # its step can be split into row ranges after the front (``BatchStep``: heads_from(x) on each range)
+    splits_rows = True
 
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, table_device=None) -> None:
         super().__init__()
         self.spec, self.cfg = spec, cfg
         self.parents = task_parents(spec)
-        self.front = EmbeddingFront(spec, device=table_device)  # "meta": DistributedModelParallel materialises shards
+        # "meta": DistributedModelParallel materialises shards
+        self.front = EmbeddingFront(spec, device=table_device, attention_hidden=cfg.attention_hidden,
+                                    sequence_hidden=cfg.sequence_hidden, raw_sequences=self.reads_sequences)
         self.last_gates: dict[str, torch.Tensor] = {}  # gate weights [B, T, E] of the last batch, for diagnostics
 
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,12 +53,16 @@ class MultiTaskModel(nn.Module):
         return self.cfg.towers.get(task, self.cfg.tower_hidden)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        return self.heads_from(self.front(batch["ids"], batch.get("dense")))
+        x, sequences = self.front.embed(batch["ids"], batch.get("dense"))
+        return self.outputs(self.task_logits(x, sequences) if self.reads_sequences else self.task_logits(x), x)
 
     def heads_from(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Everything after the embedding front, from its output ``x`` [B, front.out_dim] (kept as
-        ``features``: the representation every task shares)."""
-        logits = self.task_logits(x)
+        """Everything after the embedding front, from its output ``x`` [B, front.out_dim]."""
+        return self.outputs(self.task_logits(x), x)
+
+    def outputs(self, logits: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The task logits [B, T] composed down the funnel; ``x`` is kept as ``features`` (the representation
+        every task shares)."""
         log_head = F.logsigmoid(logits)
         if self.chains_probabilities:
             log_prob = []
