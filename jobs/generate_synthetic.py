@@ -18,9 +18,11 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--day", type=int, default=0, help="a drifting log's day: new users/items, shifted popularity, "
                                                       "drifted ground truth (SyntheticConfig)")
+    p.add_argument("--sequence-effect", type=float, default=0.0,
+                   help="how much the history's recent entries in the candidate's category move click and conversion")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     cfg = SyntheticConfig(rows={"train": a.train_rows, "valid": a.eval_rows, "test": a.eval_rows},
                           task_correlation=a.task_correlation, num_users=a.num_users, num_items=a.num_items,
-                          seed=a.seed, day=a.day)
+                          seed=a.seed, day=a.day, sequence_effect=a.sequence_effect)
     generate(a.out, cfg, workers=a.threads)

@@ -10,7 +10,8 @@ context is hour, device and position. Labels come from a hidden model over the f
 Each task's logit follows the MMoE paper's synthetic recipe on a shared latent input x (per-value latent
 vectors of every feature, plus the dense features): ``w_t . x + sum_i sin(a_i w_t . x + b_i)``, where the
 click and conversion weight vectors have cosine ``task_correlation`` (1.0 = the same objective, 0.0 =
-unrelated). The true probabilities are written to ``p_click`` / ``p_convert`` (and ``p_cvr``), which are
+unrelated). With ``sequence_effect`` the history's entries in the candidate's category add to both
+logits, the recent ones more, with another decay and weight per task. The true probabilities are written to ``p_click`` / ``p_convert`` (and ``p_cvr``), which are
 never features: AUC(label, p) is the Bayes ceiling of a task on any split.
 
 Generation is chunked (bounded memory) and deterministic by seed: chunk k of a split is drawn from
@@ -63,6 +64,10 @@ class SyntheticConfig:
     new_items_per_day: float = 0.05  # of num_items
     popularity_shift: float = 0.1  # share of the ranks reshuffled per day
     truth_drift: float = 0.1
+    # an order- and target-dependent effect of the behaviour sequence on the truth: each history entry in the
+    # candidate's category adds to the click logit sequence_effect * 0.6^age (age 0: the most recent entry),
+    # and to the conversion logit sequence_effect * 0.5 * 0.9^age (a weaker, longer memory); 0: none
+    sequence_effect: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rows is None:
@@ -198,13 +203,17 @@ class _World:
         noise = rng.integers(0, cfg.num_categories, owner.size)
         hist = np.where(rng.random(owner.size) < 0.7, favourite, noise)
         liked = (self.user_taste[users] == ids["item_category"][:, None]).any(axis=1) & (seq_len > 0)
+        age = (seq_len[owner] - 1 - (np.arange(owner.size) - offsets[owner])).astype(np.float32)
+        match = hist == ids["item_category"][owner]
+        sequence = {task: cfg.sequence_effect * scale * np.bincount(owner, match * decay ** age, minlength=n)
+                    for task, scale, decay in (("click", 1.0, 0.6), ("cvr", 0.5, 0.9))}
 
         out = {}
         for task, scale in (("click", cfg.ctr_scale), ("cvr", cfg.cvr_scale)):
             z = x @ self.w[task].astype(np.float32)
             z = z + np.sin(np.outer(z, self.sin_a) + self.sin_b).sum(axis=1)
             out[f"z_{task}"] = z
-            logit = scale * z / self.z_std[task] + self.taste_bonus * liked
+            logit = scale * z / self.z_std[task] + self.taste_bonus * liked + sequence[task]
             if task == "click":
                 logit = logit + self.position_bias[position]
             out[f"logit_{task}"] = logit
