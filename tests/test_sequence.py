@@ -347,7 +347,7 @@ def sequence_log(tmp_path_factory):
     from pipeline.synthetic import SyntheticConfig, generate
 
     out = tmp_path_factory.mktemp("seqdata") / "synthetic"
-    return generate(out, SyntheticConfig(rows={"train": 20_000, "valid": 5_000, "test": 5_000}, rows_per_file=10_000,
+    return generate(out, SyntheticConfig(rows={"train": 40_000, "valid": 5_000, "test": 5_000}, rows_per_file=20_000, row_group_rows=2_500,
                                          num_users=3_000, num_items=5_000, seed=5, sequence_effect=2.0))
 
 
@@ -364,11 +364,11 @@ def test_sequence_models_train_with_two_workers(ray_local, sequence_log, tmp_pat
     metrics = run(JobConfig(
         data=DataPaths(path=str(sequence_log), spec=str(SPEC_PATH)),
         model=ModelConfig(**model, expert_hidden=[32], tower_hidden=[16], sequence_hidden=16, attention_hidden=[16]),
-        train=TrainConfig(epochs=1, batch_size=512, num_workers=2, precision="fp32"),
+        train=TrainConfig(epochs=2, batch_size=512, lr=3e-3, num_workers=2, patience=5, precision="fp32"),
         name=model["name"], storage_path=str(tmp_path / "results"), output=str(tmp_path / "out")))
     for task in ("click", "convert"):
         assert metrics["test"][task]["auc"] > 0.6, (task, metrics["test"][task])
-    assert metrics["history"][0]["train/rows_trained"] == 20_000
+    assert [h["train/rows_trained"] for h in metrics["history"]] == [40_000, 40_000]
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["restarts"]["count"] == 0 and metrics["resumes"] == 0
     if model["name"] == "dupn":
