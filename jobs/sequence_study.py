@@ -16,6 +16,8 @@ if __name__ == "__main__":
     p.add_argument("--eval-rows", type=int, default=50_000)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--effects", type=float, nargs="+", default=list(SEQUENCE_EFFECTS))
+    p.add_argument("--effects", type=float, nargs="+", default=list(SEQUENCE_EFFECTS),
+                   help="sequence effects to compare (mean-pooled MMoE also runs at 0, the floor)")
+    p.add_argument("--batch-size", type=int, default=512)
     a = p.parse_args()
-    sequence_study(Path(a.out), a.train_rows, a.eval_rows, a.epochs, a.workers, a.effects)
+    sequence_study(Path(a.out), a.train_rows, a.eval_rows, a.epochs, a.workers, a.effects, batch_size=a.batch_size)

@@ -6,7 +6,7 @@ gather (``padded``). What each layer computes on the padding is masked out, and 
 packed, on the real steps only. An empty sequence encodes to zeros.
 
 - ``TargetAttention`` (DIN, Zhou et al. 2018): each behaviour weighted by an MLP of it, the candidate (the
-  query feature's embedding) and its recency; unnormalised weights, as DIN.
+  query feature's embedding), their cosine and its recency; unnormalised weights, as DIN.
 - ``RecurrentEncoder``: an LSTM or GRU over the sequence; every step's state and the last one.
 - ``AttentionPooling`` (DUPN, Ni et al. 2018): a softmax attention over the encoder's states with a query
   (the user and context).
@@ -45,20 +45,25 @@ def _tracing() -> bool:
 
 
 class TargetAttention(nn.Module):
-    """DIN's activation unit: weight_j = MLP([q, k_j, q * k_j, r_j]) for the query q [B, D], behaviour k_j
-    and an embedding r_j of its recency; returns sum_j weight_j k_j [B, D] over the real positions."""
+    """DIN's activation unit: weight_j = MLP([q, k_j, q * k_j, cos(q, k_j), r_j]) for the query q [B, D], the
+    behaviour k_j and an embedding r_j of its recency; returns [sum_j weight_j k_j, sum_j weight_j], [B, D + 1],
+    over the real positions. The cosine tells a behaviour equal to the candidate (a shared table: the same row)
+    whatever the embeddings' scale, from the first step (their products are ~1e-4 at the tables' init); the
+    weights' sum, how much of the history relates to the candidate, reaches the towers as it is rather than
+    only as the direction of a weighted sum of embeddings (docs/NOTES.md: both measured)."""
 
     def __init__(self, dim: int, hidden: list[int], max_len: int) -> None:
         super().__init__()
         self.recency = nn.Embedding(max_len, dim)
         nn.init.normal_(self.recency.weight, std=0.02)
-        self.score = MLP(4 * dim, hidden, out_dim=1)
-        self.out_dim = dim
+        self.score = MLP(4 * dim + 1, hidden, out_dim=1)
+        self.out_dim = dim + 1
 
     def forward(self, seq: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         q = query[:, None, :].expand_as(seq)
-        weight = self.score(torch.cat([q, seq, q * seq, self.recency(recency(mask))], dim=-1)).squeeze(-1)
-        return ((weight * mask)[:, :, None] * seq).sum(1)
+        cosine = torch.nn.functional.cosine_similarity(q, seq, dim=-1, eps=1e-8)[:, :, None]
+        weight = self.score(torch.cat([q, seq, q * seq, cosine, self.recency(recency(mask))], dim=-1)).squeeze(-1) * mask
+        return torch.cat([(weight[:, :, None] * seq).sum(1), weight.sum(1, keepdim=True)], dim=1)
 
 
 class RecurrentEncoder(nn.Module):

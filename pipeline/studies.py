@@ -248,23 +248,26 @@ SEQUENCE_EFFECTS = (1.0, 2.0)
 
 
 def sequence_study(out_dir: Path, train_rows: int = 300_000, eval_rows: int = 50_000, epochs: int = 1,
-                   workers: int = 2, effects=SEQUENCE_EFFECTS, configs=SEQUENCE_CONFIGS, seed: int = 0) -> list[dict]:
+                   workers: int = 2, effects=SEQUENCE_EFFECTS, configs=SEQUENCE_CONFIGS, seed: int = 0,
+                   batch_size: int = 512) -> list[dict]:
     """Every config on logs generated at each sequence effect (``SyntheticConfig.sequence_effect``); one row per
-    (effect, config): test AUC per task, its gap to the oracle, and training samples/s."""
+    (effect, config): test AUC per task, its gap to the oracle, and training samples/s. Mean-pooled MMoE also
+    runs at effect 0: its gap there is what no sequence layer can close (the rest of the features' share), so
+    the table can say how much of the gap the sequence causes and how much of that each model closes."""
     from pipeline.job import connect_ray
 
     connect_ray()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for effect in effects:
+    for effect in (0.0, *effects):
         data = out_dir / "data" / f"effect{effect}"
         if not data.exists():
             generate(data, SyntheticConfig(rows={"train": train_rows, "valid": eval_rows, "test": eval_rows},
                                            sequence_effect=effect, seed=seed))
-        for label, model in configs:
+        for label, model in configs[:1] if effect == 0.0 else configs:
             slug = label.replace(", ", "-").replace(" ", "_")
             job = JobConfig(data=DataPaths(str(data), str(SPEC_PATH)), model=ModelConfig(**model),
-                            train=TrainConfig(epochs=epochs, num_workers=workers, seed=seed),
+                            train=TrainConfig(epochs=epochs, num_workers=workers, seed=seed, batch_size=batch_size),
                             name=f"seq-{effect}-{slug}", storage_path=str((out_dir / "ray_results").resolve()),
                             output=str(out_dir / "runs" / f"effect{effect}-{slug}"))
             m = _run_once(job)
@@ -272,36 +275,44 @@ def sequence_study(out_dir: Path, train_rows: int = 300_000, eval_rows: int = 50
                          **{f"{t}_auc": m["test"][t]["auc"] for t in ("click", "convert")},
                          **{f"{t}_oracle_auc": m["test"][t]["oracle_auc"] for t in ("click", "convert")}})
             print(json.dumps(rows[-1]))
-    _write_sequence_outputs(out_dir, rows, train_rows, eval_rows, epochs, workers, seed)
+    _write_sequence_outputs(out_dir, rows, train_rows, eval_rows, epochs, workers, seed, batch_size)
     return rows
 
 
 def _write_sequence_outputs(out_dir: Path, rows: list[dict], train_rows: int, eval_rows: int, epochs: int,
-                            workers: int, seed: int) -> None:
+                            workers: int, seed: int, batch_size: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines = [f"# Sequence models on a log where the behaviour sequence matters ({train_rows:,} train rows, {epochs} "
-             f"epoch(s), {workers} workers)", "", environment(), "",
-             "| effect | model | click AUC | click gap | share of mean pooling's click gap closed | convert (CTCVR) AUC "
-             "| convert gap | samples/s |", "|---|---|---|---|---|---|---|---|"]
+             f"epoch(s), batch {batch_size}, {workers} workers)", "", environment(), "",
+             "| effect | model | click AUC | click gap | mean pooling's click gap closed | its sequence-caused part "
+             "closed | convert (CTCVR) AUC | convert gap | convert gap closed | samples/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    gap = lambda r, t: r[f"{t}_oracle_auc"] - r[f"{t}_auc"]  # noqa: E731
+    pooled = SEQUENCE_CONFIGS[0][0]
+    floor = next((r for r in rows if r["effect"] == 0.0 and r["model"] == pooled), None)
     for r in rows:
-        base = next(b for b in rows if b["effect"] == r["effect"] and b["model"] == SEQUENCE_CONFIGS[0][0])
-        gap = {t: r[f"{t}_oracle_auc"] - r[f"{t}_auc"] for t in ("click", "convert")}
-        base_gap = base["click_oracle_auc"] - base["click_auc"]
-        closed = "" if r is base else f"{(base_gap - gap['click']) / base_gap:+.0%}"
-        lines.append(f"| {r['effect']} | {r['model']} | {r['click_auc']:.4f} | {gap['click']:.4f} | {closed} | "
-                     f"{r['convert_auc']:.4f} | {gap['convert']:.4f} | {r['samples_per_s']:,} |")
+        base = next(b for b in rows if b["effect"] == r["effect"] and b["model"] == pooled)
+        closed = {t: "" if r is base else f"{(gap(base, t) - gap(r, t)) / gap(base, t):+.0%}" for t in ("click", "convert")}
+        caused = gap(base, "click") - gap(floor, "click") if floor else 0.0
+        part = "" if r is base or caused <= 0 else f"{(gap(base, 'click') - gap(r, 'click')) / caused:+.0%}"
+        lines.append(f"| {r['effect']} | {r['model']} | {r['click_auc']:.4f} | {gap(r, 'click'):.4f} | {closed['click']} | "
+                     f"{part} | {r['convert_auc']:.4f} | {gap(r, 'convert'):.4f} | {closed['convert']} | {r['samples_per_s']:,} |")
     oracles = {e: next(r for r in rows if r["effect"] == e) for e in dict.fromkeys(r["effect"] for r in rows)}
     lines += ["", "Oracle test AUC (the true probabilities): " + "; ".join(
         f"effect {e}: click {r['click_oracle_auc']:.4f}, convert {r['convert_oracle_auc']:.4f}" for e, r in oracles.items()),
         "", "- effect: `SyntheticConfig.sequence_effect`; each history entry in the candidate's category adds "
         "effect x 0.6^age to the click logit and effect x 0.5 x 0.9^age to the conversion logit (age 0: most recent)",
-        "- gap: oracle AUC - model AUC on test; share closed: (mean pooling's click gap - the model's) / mean "
-        "pooling's, at the same effect", "- samples/s: training throughput of the run (both workers)",
-        f"- command: `python jobs/sequence_study.py --train-rows {train_rows} --eval-rows {eval_rows}` (seed {seed})"]
+        "- gap: oracle AUC - model AUC on test; gap closed: (mean pooling's gap - the model's) / mean pooling's, at "
+        "the same effect", "- the sequence-caused part of mean pooling's click gap: its gap at this effect minus its gap "
+        "at effect 0 (the log without the effect: what the other features leave, which no sequence layer closes); "
+        "its part closed: (mean pooling's gap - the model's) / that part",
+        "- samples/s: training throughput of the run (both workers)",
+        f"- command: `python jobs/sequence_study.py --train-rows {train_rows} --eval-rows {eval_rows} --batch-size "
+        f"{batch_size}` (seed {seed})"]
     (out_dir / "sequence_study.md").write_text("\n".join(lines) + "\n")
     (out_dir / "sequence_study.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
