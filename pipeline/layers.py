@@ -35,7 +35,7 @@ class EmbeddingFront(nn.Module):
         from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
         device = torch.device(device or "cpu")
-        self.spec, self.keys = spec, spec.id_keys
+        self.keys = spec.id_keys
         pooled = [t.torchrec_config(init_std) for t in spec.tables.values() if t.pooling is not None]
         self.bags = EmbeddingBagCollection(tables=pooled, device=device) if pooled else None
         # the pooled features' order in the output: the unsharded collection's. A sharded one returns its
@@ -43,12 +43,12 @@ class EmbeddingFront(nn.Module):
         self.bag_keys = [n for c in pooled for n in c.feature_names]
         self.split_sizes = [len(spec.pooled_keys)]
         self.seqs = nn.ModuleList()
-        self.seq_keys: list[list[str]] = []  # per EmbeddingCollection: its features
+        self.seq_features: list[list] = []  # per EmbeddingCollection: its features (the spec's objects)
         for dim in sorted({t.dim for t in spec.tables.values() if t.pooling is None}):
             tables = [t for t in spec.tables.values() if t.pooling is None and t.dim == dim]
             self.seqs.append(EmbeddingCollection(tables=[t.torchrec_config(init_std) for t in tables], device=device))
-            self.seq_keys.append([n for t in tables for n in t.features])
-            self.split_sizes.append(len(self.seq_keys[-1]))
+            self.seq_features.append([spec.feature(n) for t in tables for n in t.features])
+            self.split_sizes.append(len(self.seq_features[-1]))
         ordered = [f for f in spec.sequences if f.encoder != "pool"]
         self.raw = [f.name for f in ordered] if raw_sequences else []
         self.encoders = nn.ModuleDict({f.name: SequenceEncoder(f.encoder, f.dim, f.max_len, list(attention_hidden),
@@ -72,25 +72,23 @@ class EmbeddingFront(nn.Module):
         bagged = self.bags(groups[0]) if self.bags is not None else None
         parts = [self._in_order(bagged)] if bagged is not None else []
         raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for collection, keys, group in zip(self.seqs, self.seq_keys, groups[1:]):
+        for collection, features, group in zip(self.seqs, self.seq_features, groups[1:]):
             looked_up = collection(group)
             rows = {}
-            for name in keys:
-                f = self.spec.feature(name)
-                values, lengths = looked_up[name].values(), looked_up[name].lengths()
+            for f in features:
+                values, lengths = looked_up[f.name].values(), looked_up[f.name].lengths()
                 if f.kind == "id":  # one id per row, gathered so that its size is the batch's
-                    rows[name] = padded(values, lengths, 1)[0][:, 0]
+                    rows[f.name] = padded(values, lengths, 1)[0][:, 0]
                 elif f.encoder == "pool":
-                    rows[name] = pool_jagged(values, lengths, f.pooling)
+                    rows[f.name] = pool_jagged(values, lengths, f.pooling)
                 else:
-                    raw[name] = padded(values, lengths, f.max_len)
-            for name in keys:
-                if name in self.encoders:
-                    f = self.spec.feature(name)
+                    raw[f.name] = padded(values, lengths, f.max_len)
+            for f in features:  # the encoders, once their queries are looked up
+                if f.name in self.encoders:
                     query = None if f.query is None else rows[f.query] if f.query in rows else bagged[f.query]
-                    rows[name] = self.encoders[name](*raw[name], query)
-                if name in rows:
-                    parts.append(rows[name])
+                    rows[f.name] = self.encoders[f.name](*raw[f.name], query)
+                if f.name in rows:
+                    parts.append(rows[f.name])
         if dense is not None and dense.shape[-1] > 0:
             parts.append(dense)
         return torch.cat(parts, dim=1), [raw[name] for name in self.raw]

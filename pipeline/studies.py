@@ -64,11 +64,6 @@ def _run_once(job: JobConfig) -> dict:
 
 
 def _write_correlation_outputs(out_dir: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with open(out_dir / "correlation_study.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -81,19 +76,33 @@ def _write_correlation_outputs(out_dir: Path, rows: list[dict]) -> None:
     lines += ["", "Each model trained 1 epoch on a log generated at each correlation; plot: correlation_study.png. "
               "Command: `python jobs/correlation_study.py`"]
     (out_dir / "correlation_study.md").write_text("\n".join(lines) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    _plot_tasks(out_dir / "correlation_study.png", lambda task: [
+        (m, sorted((r["correlation"], r[f"{task}_auc"]) for r in rows if r["model"] == m), {"marker": "o"}) for m in models]
+        + [("oracle", sorted({(r["correlation"], r[f"{task}_oracle_auc"]) for r in rows}), {"linestyle": ":", "color": "k"})],
+        "{task}: test AUC vs task correlation", "task correlation (cosine of the tasks' weight vectors)", "AUC")
+
+
+def _plot_tasks(path: Path, lines, title: str, xlabel: str, ylabel: str, xticks=None) -> None:
+    """A study's figure: one panel per task (click, convert); ``lines(task)`` gives its (label, points, style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, task in zip(axes, ("click", "convert")):
-        for model in dict.fromkeys(r["model"] for r in rows):
-            pts = sorted((r["correlation"], r[f"{task}_auc"]) for r in rows if r["model"] == model)
-            ax.plot(*zip(*pts), marker="o", label=model)
-        pts = sorted({(r["correlation"], r[f"{task}_oracle_auc"]) for r in rows})
-        ax.plot(*zip(*pts), linestyle=":", color="k", label="oracle")
-        ax.set_title(f"{task}: test AUC vs task correlation")
-        ax.set_xlabel("task correlation (cosine of the tasks' weight vectors)")
-        ax.set_ylabel("AUC")
+        for label, pts, style in lines(task):
+            if pts:
+                ax.plot(*zip(*pts), label=label, **style)
+        if xticks is not None:
+            ax.set_xticks(xticks)
+        ax.set_title(title.format(task=task))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.savefig(out_dir / "correlation_study.png", dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -281,11 +290,6 @@ def sequence_study(out_dir: Path, train_rows: int = 300_000, eval_rows: int = 50
 
 def _write_sequence_outputs(out_dir: Path, rows: list[dict], train_rows: int, eval_rows: int, epochs: int,
                             workers: int, seed: int, batch_size: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines = [f"# Sequence models on a log where the behaviour sequence matters ({train_rows:,} train rows, {epochs} "
              f"epoch(s), batch {batch_size}, {workers} workers)", "", environment(), "",
              "| effect | model | click AUC | click gap | mean pooling's click gap closed | its sequence-caused part "
@@ -316,18 +320,7 @@ def _write_sequence_outputs(out_dir: Path, rows: list[dict], train_rows: int, ev
     (out_dir / "sequence_study.md").write_text("\n".join(lines) + "\n")
     (out_dir / "sequence_study.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    effects = list(oracles)
-    for ax, task in zip(axes, ("click", "convert")):
-        for label, _ in SEQUENCE_CONFIGS:
-            pts = [(r["effect"], r[f"{task}_oracle_auc"] - r[f"{task}_auc"]) for r in rows if r["model"] == label]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set_xticks(effects)
-        ax.set_title(f"{task}: gap to the oracle AUC (test)")
-        ax.set_xlabel("sequence effect")
-        ax.set_ylabel("oracle AUC - model AUC")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.savefig(out_dir / "sequence_study.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _plot_tasks(out_dir / "sequence_study.png", lambda task: [
+        (label, [(r["effect"], gap(r, task)) for r in rows if r["model"] == label], {"marker": "o"})
+        for label, _ in SEQUENCE_CONFIGS], "{task}: gap to the oracle AUC (test)", "sequence effect",
+        "oracle AUC - model AUC", xticks=list(oracles))

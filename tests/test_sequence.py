@@ -89,9 +89,7 @@ def test_padding_and_empty_sequences_contribute_nothing(layer):
               "gru": lambda: RecurrentEncoder(4, 6, cell="gru"), "attention_pooling": lambda: AttentionPooling(4, 4, [8])}[layer]()
 
     def encode(seq, mask):
-        if layer == "target_attention":
-            return module(seq, mask, query)
-        if layer == "attention_pooling":
+        if layer in ("target_attention", "attention_pooling"):  # the layers with a query
             return module(seq, mask, query)
         return module(seq, mask)[1]
 
