@@ -20,7 +20,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -122,15 +122,24 @@ def compile_for_cpu(program: torch.export.ExportedProgram, path: Path) -> None:
     aoti_compile_and_package(program, package_path=str(path))
 
 
-def export_run(run: str | Path, out: str | Path, aoti: bool = False) -> dict[str, Any]:
+ServingPrecision = Literal["fp32", "bf16"]
+BF16_PARITY = 1e-2  # the bound a bf16 program keeps to the fp32 one (max abs diff of a probability; 1.4e-3 measured)
+
+
+def export_run(run: str | Path, out: str | Path, aoti: bool = False, precision: ServingPrecision = "fp32") -> dict[str, Any]:
     """Write the serving artifact of ``run`` (a job output or a checkpoint) to ``out``; returns its manifest.
-    ``aoti``: also the program compiled for CPU by AOTInductor, which ``Scorer`` prefers on CPU."""
+    ``aoti``: also the program compiled for CPU by AOTInductor, which ``Scorer`` prefers on CPU.
+    ``precision``: ``fp32`` gives the training job's own evaluation (1e-5); ``bf16`` runs the layers after the
+    embedding lookups in bf16 (``MultiTaskModel.heads_in``): ~2.8x the rows/s on a CPU with native bf16,
+    within ``BF16_PARITY`` of fp32."""
     import dataclasses
 
     from pipeline.data import Preprocessor
 
     ckpt = checkpoint_dir(run)
     model, spec, state = load_best_model(ckpt)
+    if precision == "bf16":
+        model.heads_in(torch.bfloat16)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     program = export_program(model)
@@ -147,7 +156,7 @@ def export_run(run: str | Path, out: str | Path, aoti: bool = False) -> dict[str
         "run": state["job"].get("name"), "tasks": spec.task_names,
         "parents": {t.name: t.depends_on for t in spec.tasks if t.depends_on},
         "outputs": output_columns(spec), "inputs": {"id_keys": spec.id_keys, "dense": [d.name for d in spec.dense]},
-        "precision": "fp32", "compiled": {"cpu": {"file": AOTI_CPU, "torch": torch.__version__}} if aoti else {},
+        "precision": precision, "compiled": {"cpu": {"file": AOTI_CPU, "torch": torch.__version__}} if aoti else {},
         "metrics": {k: v for k, v in summary.get("metrics", {}).items()
                                          if k.startswith(("valid/", "test/")) and "/gates/" not in k},
     }
@@ -165,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aoti", action=argparse.BooleanOptionalAction, default=True,
                    help="also compile the program for CPU with AOTInductor (default; needs a C++ compiler, ~30 s): "
                         "pipeline.serving runs it on CPU, ~1.3x the rows/s of the portable program")
+    p.add_argument("--precision", choices=get_args(ServingPrecision), default="fp32",
+                   help="fp32 (default: the training job's own probabilities, within 1e-5) or bf16 (the layers after "
+                        f"the embedding lookups in bf16: ~2.8x the rows/s where the CPU has native bf16, within {BF16_PARITY})")
     a = p.parse_args(argv)
-    manifest = export_run(a.run, a.out, aoti=a.aoti)
+    manifest = export_run(a.run, a.out, aoti=a.aoti, precision=a.precision)
     print(f"exported {manifest['model']} ({', '.join(manifest['outputs'])}) to {a.out}")

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from pipeline.checkpoint import PREPROCESSOR_FILE
 from pipeline.config import DataPaths, JobConfig, ModelConfig, TrainConfig
 from pipeline.data import Collate, Preprocessor
-from pipeline.export import checkpoint_dir, load_best_model
+from pipeline.export import BF16_PARITY, checkpoint_dir, load_best_model
 from pipeline.job import run
 from pipeline.serving import Scorer
 from pipeline.synthetic import SPEC_PATH
@@ -74,6 +74,25 @@ def test_exported_model_scores_raw_rows_as_the_training_code_does(exported, smal
         assert auc == pytest.approx(metrics["test"][task]["auc"], abs=1e-5), task
     manifest = json.loads((export_dir / "manifest.json").read_text())
     assert manifest["model"] == name and manifest["parents"] == {"convert": "click"}
+
+
+def test_a_bf16_export_stays_within_its_stated_bound(exported, small_log, tmp_path):
+    """``--precision bf16``: the layers after the lookups in bf16, within BF16_PARITY of the training code's fp32
+    probabilities, the same test AUC within 0.002; AOTInductor compiles it (the PLE case, ~25 s)."""
+    name, run_dir, _, metrics = exported
+    subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), "--run", str(run_dir), "--out", str(tmp_path / "bf16"),
+                    "--precision", "bf16", "--aoti" if name == "ple" else "--no-aoti"], check=True)
+    scorer = Scorer.load(tmp_path / "bf16")
+    assert scorer.runtime == ("aoti" if name == "ple" else "export")
+    assert json.loads((tmp_path / "bf16" / "manifest.json").read_text())["precision"] == "bf16"
+    raw = _raw(small_log)
+    scored, (prob, cond) = scorer.score(raw), _training_probs(run_dir, raw)
+    diffs = [np.abs(scored["p_click"].to_numpy() - prob[:, 0]).max(), np.abs(scored["p_convert"].to_numpy() - prob[:, 1]).max(),
+             np.abs(scored["p_convert_given_click"].to_numpy() - cond[:, 1]).max()]
+    assert 0 < max(diffs) <= BF16_PARITY, diffs  # not 0: the program did run in bf16
+    for task in ("click", "convert"):
+        auc = roc_auc_score(raw[task].to_numpy(), scored[f"p_{task}"].to_numpy())
+        assert auc == pytest.approx(metrics["test"][task]["auc"], abs=2e-3), task
 
 
 def test_unseen_ids_sequences_and_single_rows_score_as_in_training(exported, small_log):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import DatasetSpec, ModelConfig
-from pipeline.layers import EmbeddingFront
+from pipeline.layers import EmbeddingFront, Logit
 
 
 def task_parents(spec: DatasetSpec) -> list[int]:
@@ -45,6 +45,7 @@ class MultiTaskModel(nn.Module):
         self.front = EmbeddingFront(spec, device=table_device, attention_hidden=cfg.attention_hidden,
                                     sequence_hidden=cfg.sequence_hidden, raw_sequences=self.reads_sequences)
         self.last_gates: dict[str, torch.Tensor] = {}  # gate weights [B, T, E] of the last batch, for diagnostics
+        self.heads_dtype: torch.dtype | None = None  # set by heads_in (a bf16 serving program)
 
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -52,8 +53,23 @@ class MultiTaskModel(nn.Module):
     def tower_hidden(self, task: str) -> list[int]:
         return self.cfg.towers.get(task, self.cfg.tower_hidden)
 
+    def heads_in(self, dtype: torch.dtype) -> "MultiTaskModel":
+        """Everything after the embedding front in ``dtype`` (``jobs/export.py --precision bf16``): the tables'
+        lookups and the logits stay fp32, the experts, gates and towers take the front's output cast once.
+        Not for training: autocast does that."""
+        self.to(dtype)
+        self.front.float()
+        for m in self.modules():
+            if isinstance(m, Logit):
+                m.float()
+        self.heads_dtype = dtype
+        return self
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         x, sequences = self.front.embed(batch["ids"], batch.get("dense"))
+        if self.heads_dtype is not None:
+            x = x.to(self.heads_dtype)
+            sequences = [(padded.to(self.heads_dtype), mask) for padded, mask in sequences]  # [B, L, D], [B, L]
         return self.outputs(self.task_logits(x, sequences) if self.reads_sequences else self.task_logits(x), x)
 
     def heads_from(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
