@@ -7,6 +7,13 @@ the actor with ``ray.kill`` instead takes Ray's forced exit (no destructors run)
 
     python bench/ray_shutdown_abort.py --rounds 10            # handles dropped: graceful exits
     python bench/ray_shutdown_abort.py --rounds 10 --kill     # ray.kill first: forced exits
+    python bench/ray_shutdown_abort.py --rounds 60 --kill --at-once --head   # killed as soon as up, 2nd driver
+    python bench/ray_shutdown_abort.py --rounds 60 --kill --at-once --head --plain  # a plain threaded actor
+
+``--at-once`` reads nothing and kills each coordinator as soon as it answers (the project's driver ends a
+started split that no worker group can take that way, ~50 ms after it is up). ``--head`` starts a head with
+``ray start`` and connects to it, as a job's driver does. ``--plain`` uses a plain actor with
+``max_concurrency=4`` (as the coordinator has) instead of Ray Data's, to tell Ray Data's part from Ray core's.
 
 Each round creates ``--splits`` coordinators (3 datasets' splits, as a training run has), reads one of them,
 then ends them all; the script then scans its own Ray session's logs.
@@ -17,6 +24,8 @@ import argparse
 import gc
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,14 +35,35 @@ from pathlib import Path
 MARKS = re.compile(r"SIGABRT|Fatal Python error|TerminateHandler")
 
 
-def child(rounds: int, splits: int, kill: bool) -> None:
+def child(rounds: int, splits: int, kill: bool, at_once: bool, head: bool, plain: bool) -> None:
     import ray
     import ray.data
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if head:
+        ray.init(address="auto", log_to_driver=False)  # the head in RAY_TMPDIR, as `ray job submit`'s driver finds it
+    else:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+    @ray.remote(num_cpus=0, max_concurrency=4)
+    class SplitCoordinator:  # same class name, so the scan below finds its logs
+        def stats(self):
+            return os.getpid()
+
     for r in range(rounds):
+        if at_once:
+            if plain:
+                actors = [SplitCoordinator.remote() for _ in range(splits)]
+            else:
+                actors = [ray_compat_coordinator(ray.data.range(10_000).streaming_split(1, equal=False))
+                          for _ in range(splits)]
+            ray.get([a.stats.remote() for a in actors])  # every coordinator is up
+            for a in actors:
+                ray.kill(a, no_restart=True)
+            del actors
+            time.sleep(0.5)
+            continue
         shards = [ray.data.range(10_000, override_num_blocks=4).streaming_split(1, equal=False) for _ in range(splits)]
         for _ in shards[0][0].iter_batches(batch_size=1000):  # one split read through; the others never are
             pass
@@ -47,19 +77,64 @@ def child(rounds: int, splits: int, kill: bool) -> None:
     ray.shutdown()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_head(tmp: str) -> None:
+    """Stop only the head this script started (`ray stop` would stop every Ray on the machine): its processes
+    name a session under this temp dir on their command line."""
+    def mine() -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and f"{tmp}/session" in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:  # exited meanwhile
+                pass
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in mine():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(5)
+
+
+def ray_compat_coordinator(shards):
+    return shards[0]._coord_actor  # private: the split's coordinator actor
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--splits", type=int, default=3)
     p.add_argument("--kill", action="store_true", help="ray.kill the coordinators instead of dropping their handles")
+    p.add_argument("--at-once", action="store_true", help="kill each coordinator as soon as it is up (with --kill)")
+    p.add_argument("--head", action="store_true", help="start a head with `ray start` and connect as a second driver")
+    p.add_argument("--plain", action="store_true", help="a plain threaded actor instead of Ray Data's coordinator")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        child(a.rounds, a.splits, a.kill)
+        child(a.rounds, a.splits, a.kill, a.at_once, a.head, a.plain)
         return
     tmp = tempfile.mkdtemp(prefix="rsa-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    subprocess.run([sys.executable, __file__, "--child", "--rounds", str(a.rounds), "--splits", str(a.splits)]
-                   + (["--kill"] if a.kill else []), env=os.environ | {"RAY_TMPDIR": tmp}, timeout=1800)
+    env = os.environ | {"RAY_TMPDIR": tmp}
+    flags = [f for f, on in (("--kill", a.kill), ("--at-once", a.at_once), ("--head", a.head), ("--plain", a.plain)) if on]
+    if a.head:
+        port = free_port()
+        subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                        f"--temp-dir={tmp}"], env=env, check=True, capture_output=True)
+    try:
+        subprocess.run([sys.executable, __file__, "--child", "--rounds", str(a.rounds), "--splits", str(a.splits)]
+                       + flags, env=env, timeout=1800)
+    finally:
+        if a.head:
+            stop_head(tmp)
     time.sleep(3)
     logs = [f for f in Path(tmp).rglob("logs/worker-*.err") if "SplitCoordinator" in f.read_text(errors="replace")]
     aborted = [f for f in logs if MARKS.search(f.read_text(errors="replace"))]
