@@ -10,7 +10,7 @@ the actor with ``ray.kill`` instead takes Ray's forced exit (no destructors run)
     python bench/ray_shutdown_abort.py --rounds 60 --kill --at-once --head   # killed as soon as up, 2nd driver
     python bench/ray_shutdown_abort.py --rounds 60 --kill --at-once --head --plain  # a plain threaded actor
 
-``--at-once`` reads nothing and kills each coordinator as soon as it answers (the project's driver ends a
+``--at-once`` (which always kills) reads nothing and kills each coordinator as soon as it answers (the project's driver ends a
 started split that no worker group can take that way, ~50 ms after it is up). ``--head`` starts a head with
 ``ray start`` and connects to it, as a job's driver does. ``--plain`` uses a plain actor with
 ``max_concurrency=4`` (as the coordinator has) instead of Ray Data's, to tell Ray Data's part from Ray core's.
@@ -24,13 +24,14 @@ import argparse
 import gc
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from stress import end_leftovers  # kills only the processes that name this script's temp dir
 
 MARKS = re.compile(r"SIGABRT|Fatal Python error|TerminateHandler")
 
@@ -67,10 +68,10 @@ def child(rounds: int, splits: int, kill: bool, at_once: bool, head: bool, plain
         shards = [ray.data.range(10_000, override_num_blocks=4).streaming_split(1, equal=False) for _ in range(splits)]
         for _ in shards[0][0].iter_batches(batch_size=1000):  # one split read through; the others never are
             pass
-        ray.get([s[0]._coord_actor.stats.remote() for s in shards])  # every coordinator is up
+        ray.get([ray_compat_coordinator(s).stats.remote() for s in shards])  # every coordinator is up
         if kill:
             for s in shards:
-                ray.kill(s[0]._coord_actor, no_restart=True)  # private: the split's coordinator actor
+                ray.kill(ray_compat_coordinator(s), no_restart=True)
         del shards
         gc.collect()
         time.sleep(3)  # the coordinators exit (gracefully, when their handles are gone)
@@ -83,28 +84,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_head(tmp: str) -> None:
-    """Stop only the head this script started (`ray stop` would stop every Ray on the machine): its processes
-    name a session under this temp dir on their command line."""
-    def mine() -> list[int]:
-        pids = []
-        for d in Path("/proc").iterdir():
-            try:
-                if d.name.isdigit() and f"{tmp}/session" in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(d.name))
-            except OSError:  # exited meanwhile
-                pass
-        return pids
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in mine():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(5)
-
-
 def ray_compat_coordinator(shards):
     return shards[0]._coord_actor  # private: the split's coordinator actor
 
@@ -114,7 +93,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--splits", type=int, default=3)
     p.add_argument("--kill", action="store_true", help="ray.kill the coordinators instead of dropping their handles")
-    p.add_argument("--at-once", action="store_true", help="kill each coordinator as soon as it is up (with --kill)")
+    p.add_argument("--at-once", action="store_true", help="read nothing; ray.kill each coordinator as soon as it is up")
     p.add_argument("--head", action="store_true", help="start a head with `ray start` and connect as a second driver")
     p.add_argument("--plain", action="store_true", help="a plain threaded actor instead of Ray Data's coordinator")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -133,12 +112,12 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--child", "--rounds", str(a.rounds), "--splits", str(a.splits)]
                        + flags, env=env, timeout=1800)
     finally:
-        if a.head:
-            stop_head(tmp)
+        if a.head:  # only the head this script started; `ray stop` would stop every Ray on the machine
+            end_leftovers(Path(tmp))
     time.sleep(3)
     logs = [f for f in Path(tmp).rglob("logs/worker-*.err") if "SplitCoordinator" in f.read_text(errors="replace")]
     aborted = [f for f in logs if MARKS.search(f.read_text(errors="replace"))]
-    print(f"{'ray.kill' if a.kill else 'handles dropped'}: {len(aborted)} of {len(logs)} split coordinators aborted "
+    print(f"{'ray.kill' if a.kill or a.at_once else 'handles dropped'}: {len(aborted)} of {len(logs)} split coordinators aborted "
           f"at exit (logs in {tmp})" + "".join(f"\n    {f}" for f in aborted))
 
 
